@@ -1,0 +1,20 @@
+"""peftkit: parameter-efficient fine-tuning that tells you whether it helped.
+
+    from peftkit import Config, Trainer
+    report = Trainer(Config(output_dir="runs/x")).fit()
+"""
+
+from peftkit.config import Config, DataConfig, EvalConfig, MethodConfig, ModelConfig, TrainConfig
+from peftkit.errors import PeftkitError
+
+__all__ = ["Config", "DataConfig", "EvalConfig", "MethodConfig", "ModelConfig", "PeftkitError", "Trainer",
+           "TrainConfig"]  # fmt: skip
+
+
+def __getattr__(name):
+    # Trainer pulls in torch, transformers and peft (~6 s); import it only when asked for.
+    if name == "Trainer":
+        from peftkit.trainer import Trainer
+
+        return Trainer
+    raise AttributeError(name)

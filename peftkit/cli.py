@@ -1,0 +1,118 @@
+"""`peftkit` command line: parse -> call the library -> print. Heavy imports happen inside commands."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+from peftkit.config import Config, describe
+from peftkit.errors import PeftkitError
+
+
+def config_help() -> str:
+    lines = ["config keys (override with --key=value):"]
+    for key, kind, default, help_text in describe():
+        lines.append(f"  --{key}  ({kind}, default {default!r})\n      {help_text}")
+    return "\n".join(lines)
+
+
+def load_target(target: str) -> Config:
+    """A recipe module (.py with a `config()` function) or a YAML config file."""
+    path = Path(target)
+    if not path.is_file():
+        raise PeftkitError(f"{target}: no such recipe or config file")
+    if path.suffix in (".yaml", ".yml"):
+        return Config.from_yaml(path)
+    if path.suffix != ".py":
+        raise PeftkitError(f"{target}: expected a recipe (.py) or a config (.yaml)")
+    spec = importlib.util.spec_from_file_location(f"peftkit_recipe_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not callable(getattr(module, "config", None)):
+        raise PeftkitError(f"{target}: a recipe must define config() returning a peftkit.Config")
+    return module.config()
+
+
+def train(config: Config) -> dict:
+    from peftkit.trainer import Trainer
+
+    return Trainer(config).fit()
+
+
+def run_recipe(config: Config, argv: list[str] | None = None, prog: str | None = None) -> None:
+    """Entry point of a recipe module: apply `--section.key=value` overrides and train."""
+    argv = sys.argv[1:] if argv is None else argv
+    if any(a in ("-h", "--help") for a in argv):
+        print(f"usage: {prog or 'recipe'} [--section.key=value ...]\n\n{config_help()}")
+        return
+    guarded(lambda: train(config.override(argv)))
+
+
+def guarded(action) -> None:
+    """Run `action`; a PeftkitError becomes one line on stderr and exit status 2."""
+    try:
+        action()
+    except PeftkitError as err:
+        print(f"peftkit: error: {err}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("peftkit: interrupted", file=sys.stderr)
+        sys.exit(130)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="peftkit", description="Parameter-efficient fine-tuning, checked.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    p = commands.add_parser("train", help="train a recipe or YAML config", epilog=config_help(),
+                            formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    p.add_argument("target", help="recipes/NAME.py or a .yaml config")
+    p = commands.add_parser("eval", help="recompute RUN_DIR/report.json (base vs tuned perplexity)")
+    p.add_argument("run_dir")
+    p = commands.add_parser("merge", help="merge a run's adapter into its base model for deployment")
+    p.add_argument("run_dir")
+    p.add_argument("--out", required=True, help="folder for the merged model")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="dtype of the saved weights")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
+    p = commands.add_parser("fetch", help="download and prepare a catalog asset")
+    p.add_argument("name", help="asset name, or 'all'")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    if rest and args.command != "train":
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    guarded(lambda: _dispatch(args, rest))
+
+
+def _dispatch(args, rest: list[str]) -> None:
+    if args.command == "train":
+        train(load_target(args.target).override(rest))
+    elif args.command == "eval":
+        from peftkit.evaluation import evaluate_run, format_report
+
+        report = evaluate_run(Path(args.run_dir))
+        print(format_report(report))
+    elif args.command == "merge":
+        from peftkit.merge import merge_run
+
+        merge_run(Path(args.run_dir), Path(args.out), dtype=args.dtype, overwrite=args.overwrite)
+    elif args.command == "fetch":
+        from peftkit import assets
+
+        names = list(assets.CATALOG) if args.name == "all" else [args.name]
+        for name in names:
+            was_ready = assets.is_prepared(name)
+            path = assets.fetch(name, log=lambda m: print(m, file=sys.stderr))
+            stats = path / "stats.json"
+            summary = json.loads(stats.read_text()) if stats.exists() else {}
+            print(f"{name}: {'already prepared' if was_ready else 'prepared'} at {path} {json.dumps(summary)[:200]}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,325 @@
+"""The one typed schema shared by the Python API, YAML files and `--section.key=value` flags.
+
+Every field is documented once, in its `help` metadata; the CLI's help and the docs read it from
+here. Values from YAML and the command line are coerced to the field's type and checked, and an
+unknown key or an invalid value raises `PeftkitError` naming the key and what would be valid.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from peftkit.errors import PeftkitError
+
+
+def _f(default: Any, help: str, choices: tuple | None = None) -> Any:
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": help, "choices": choices})
+    return field(default=default, metadata={"help": help, "choices": choices})
+
+
+def _require(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise PeftkitError(f"config key '{key}': {message}")
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str = _f(
+        "asset:smollm2-135m-instruct",
+        "base model: 'asset:NAME' from the asset catalog, or a local transformers folder",
+    )
+    dtype: str = _f(
+        "auto",
+        "dtype of the frozen base weights; 'auto' = bf16 where the hardware computes it fast, else fp32",
+        ("auto", "bf16", "fp16", "fp32"),
+    )
+    trust_remote_code: bool = _f(False, "allow model code shipped inside the model folder to run")
+
+
+@dataclass
+class DataConfig:
+    source: str = _f(
+        "asset:pubmed-abstracts",
+        "domain corpus: 'asset:NAME', a .jsonl/.txt file (split by content hash), or a folder with "
+        "train.jsonl, validation.jsonl and test.jsonl",
+    )
+    text_field: str = _f("text", "JSONL field that holds the document text")
+    general_source: str = _f(
+        "asset:wiki-general",
+        "general-domain text for measuring forgetting ('asset:NAME', a .jsonl or .txt file); '' disables it",
+    )
+    seq_len: int = _f(512, "tokens per packed training row (documents joined by EOS)")
+    max_train_docs: int | None = _f(None, "use at most this many training documents (after shuffling)")
+    validation_share: float = _f(0.05, "share of documents hashed into validation when the source is one file")
+    test_share: float = _f(0.05, "share of documents hashed into test when the source is one file")
+
+    def __post_init__(self):
+        _require(self.seq_len >= 8, "data.seq_len", f"must be at least 8, got {self.seq_len}")
+        _require(
+            self.max_train_docs is None or self.max_train_docs > 0,
+            "data.max_train_docs",
+            "must be a positive number or null",
+        )
+        for key in ("validation_share", "test_share"):
+            value = getattr(self, key)
+            _require(0 < value < 0.5, f"data.{key}", f"must be between 0 and 0.5, got {value}")
+
+
+@dataclass
+class MethodConfig:
+    name: str = _f("lora", "adapter method, from the registry in peftkit/methods")
+    r: int = _f(16, "LoRA rank")
+    alpha: float = _f(32.0, "LoRA scaling numerator (scale = alpha / r)")
+    dropout: float = _f(0.0, "dropout on the adapter input")
+    target_modules: list[str] = _f(
+        ["q_proj", "k_proj", "v_proj", "o_proj"],
+        "module names to adapt (comma-separated on the command line), or ['all-linear']",
+    )
+
+    def __post_init__(self):
+        from peftkit import methods
+
+        _require(self.name in methods.names(), "method.name", f"must be one of {methods.names()}, got {self.name!r}")
+        _require(self.r > 0, "method.r", f"must be positive, got {self.r}")
+        _require(0 <= self.dropout < 1, "method.dropout", f"must be in [0, 1), got {self.dropout}")
+        _require(bool(self.target_modules), "method.target_modules", "must name at least one module")
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = _f(100, "optimizer steps to train")
+    batch_size: int = _f(8, "packed rows per process per micro-batch")
+    grad_accum: int = _f(1, "micro-batches accumulated into one optimizer step")
+    lr: float = _f(2e-4, "peak learning rate")
+    lr_schedule: str = _f("cosine", "decay after warmup", ("cosine", "linear", "constant"))
+    warmup_steps: int = _f(10, "linear warmup steps")
+    weight_decay: float = _f(0.0, "AdamW weight decay on the trainable parameters")
+    max_grad_norm: float = _f(1.0, "gradient clipping norm; 0 disables clipping")
+    mixed_precision: str = _f(
+        "auto", "autocast precision; 'auto' = bf16 where supported", ("auto", "bf16", "fp16", "no")
+    )
+    keep_checkpoints: int = _f(2, "newest checkpoints kept besides the best one")
+    log_every: int = _f(1, "steps between training-loss records in metrics.jsonl")
+    resume: bool = _f(False, "continue from the newest complete checkpoint in output_dir")
+    overwrite: bool = _f(False, "allow starting a new run in an output_dir that already holds one")
+    progress: bool = _f(True, "show a progress bar")
+
+    def __post_init__(self):
+        for key in ("max_steps", "batch_size", "grad_accum", "log_every"):
+            value = getattr(self, key)
+            _require(value > 0, f"train.{key}", f"must be positive, got {value}")
+        _require(self.lr > 0, "train.lr", f"must be positive, got {self.lr}")
+        _require(self.warmup_steps >= 0, "train.warmup_steps", "must be >= 0")
+        _require(self.max_grad_norm >= 0, "train.max_grad_norm", "must be >= 0")
+        _require(self.keep_checkpoints >= 1, "train.keep_checkpoints", "must be at least 1")
+        _require(
+            not (self.resume and self.overwrite),
+            "train.resume",
+            "cannot be combined with train.overwrite=true; choose one",
+        )
+
+
+@dataclass
+class EvalConfig:
+    every_steps: int = _f(25, "steps between held-out evaluations (and checkpoints)")
+    val_tokens: int = _f(8192, "validation tokens scored at each evaluation during training")
+    test_tokens: int = _f(
+        32768,
+        "tokens of the domain test split and of the general text scored for the final report, "
+        "taken from the start of each set, packed into seq_len rows",
+    )
+    batch_size: int = _f(4, "rows per forward pass during evaluation")
+    patience: int = _f(0, "stop after this many evaluations without improvement; 0 = never stop early")
+    min_delta: float = _f(0.0, "validation-loss decrease that counts as an improvement")
+
+    def __post_init__(self):
+        for key in ("every_steps", "val_tokens", "test_tokens", "batch_size"):
+            value = getattr(self, key)
+            _require(value > 0, f"eval.{key}", f"must be positive, got {value}")
+        _require(self.patience >= 0, "eval.patience", "must be >= 0")
+        _require(self.min_delta >= 0, "eval.min_delta", "must be >= 0")
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    output_dir: str = _f("runs/peftkit", "run folder: checkpoints, adapter, metrics and report")
+    seed: int = _f(0, "seed for data order, adapter initialisation and dropout")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict, origin: str = "config") -> Config:
+        """Build a config from nested dicts, rejecting unknown keys and invalid values."""
+        return _build(cls, data, prefix="", origin=origin)
+
+    def override(self, assignments: list[str], origin: str = "command line") -> Config:
+        """Return a copy with `section.key=value` assignments applied (values parsed as YAML)."""
+        data = self.to_dict()
+        for item in assignments:
+            text = item[2:] if item.startswith("--") else item
+            if "=" not in text:
+                raise PeftkitError(
+                    f"{origin}: '{item}' is not an override; write it as --section.key=value, "
+                    "e.g. --train.max_steps=20"
+                )
+            dotted, raw = text.split("=", 1)
+            *sections, key = dotted.split(".")
+            node, path = data, []
+            for section in sections:
+                path.append(section)
+                if not isinstance(node.get(section), dict):
+                    _unknown(".".join(path), _keys(Config, path[:-1]), origin)
+                node = node[section]
+            if key not in node:
+                _unknown(dotted, _keys(Config, sections), origin)
+            node[key] = _parse_scalar(raw)
+        return Config.from_dict(data, origin=origin)
+
+    def save_yaml(self, path: str | Path) -> None:
+        import yaml
+
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> Config:
+        import yaml
+
+        path = Path(path)
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise PeftkitError(f"{path}: no such config file") from None
+        except UnicodeDecodeError:
+            raise PeftkitError(f"{path}: not UTF-8 text; save the config as UTF-8 YAML") from None
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f"{path} line {mark.line + 1}" if mark else str(path)
+            raise PeftkitError(f"{where}: invalid YAML ({getattr(err, 'problem', err)}); fix the syntax") from None
+        if data is None:
+            data = {}
+        if not isinstance(data, dict):
+            raise PeftkitError(f"{path}: expected a mapping of config sections, got {type(data).__name__}")
+        return cls.from_dict(data, origin=str(path))
+
+
+def _parse_scalar(raw: str) -> Any:
+    import yaml
+
+    try:
+        return yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        return raw
+
+
+def _keys(cls: type, path: list[str]) -> list[str]:
+    for section in path:
+        cls = typing.get_type_hints(cls)[section]
+    return [f.name for f in dataclasses.fields(cls)]
+
+
+def _unknown(dotted: str, valid: list[str], origin: str) -> typing.NoReturn:
+    parent, _, name = dotted.rpartition(".")
+    close = difflib.get_close_matches(name, valid, n=1)
+    hint = f"; did you mean '{parent + '.' if parent else ''}{close[0]}'?" if close else ""
+    raise PeftkitError(f"{origin}: unknown config key '{dotted}'{hint} (valid here: {', '.join(valid)})")
+
+
+def _build(cls: type, data: Any, prefix: str, origin: str) -> Any:
+    if not isinstance(data, dict):
+        raise PeftkitError(f"{origin}: config key '{prefix.rstrip('.')}' must be a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        dotted = prefix + str(key)
+        if key not in fields:
+            _unknown(dotted, list(fields), origin)
+        kind = hints[key]
+        if dataclasses.is_dataclass(kind):
+            kwargs[key] = _build(kind, value, dotted + ".", origin)
+        else:
+            kwargs[key] = _coerce(value, kind, dotted, fields[key].metadata.get("choices"), origin)
+    try:
+        return cls(**kwargs)
+    except PeftkitError as err:
+        raise PeftkitError(f"{origin}: {err}") from None
+
+
+def _coerce(value: Any, kind: Any, key: str, choices: tuple | None, origin: str) -> Any:
+    def bad(expected: str) -> typing.NoReturn:
+        raise PeftkitError(f"{origin}: config key '{key}' must be {expected}, got {value!r}")
+
+    args = typing.get_args(kind)
+    if typing.get_origin(kind) in (typing.Union, types.UnionType) and type(None) in args:
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            return None
+        kind = next(a for a in args if a is not type(None))
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+            return value.lower() in ("true", "yes", "1")
+        bad("true or false")
+    if kind is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            bad("an integer")
+        return value
+    if kind is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            if isinstance(value, str):
+                try:
+                    return float(value)
+                except ValueError:
+                    pass
+            bad("a number")
+        return float(value)
+    if typing.get_origin(kind) is list:
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            bad("a list of names")
+        return value
+    if kind is str:
+        if isinstance(value, bool | dict | list) or value is None:
+            bad("a string")
+        value = str(value)
+        if choices and value not in choices:
+            bad("one of " + ", ".join(repr(c) for c in choices))
+        return value
+    raise AssertionError(f"unsupported config type {kind} for {key}")
+
+
+def describe() -> list[tuple[str, str, Any, str]]:
+    """Every config key as (dotted key, type, default, help), for --help and the docs."""
+    rows = []
+
+    def walk(cls: type, prefix: str) -> None:
+        hints = typing.get_type_hints(cls)
+        default = cls()
+        for f in dataclasses.fields(cls):
+            if dataclasses.is_dataclass(hints[f.name]):
+                walk(hints[f.name], prefix + f.name + ".")
+                continue
+            kind = getattr(hints[f.name], "__name__", str(hints[f.name]).replace("typing.", ""))
+            help_text = f.metadata.get("help", "")
+            if f.metadata.get("choices"):
+                help_text += f" (one of: {', '.join(f.metadata['choices'])})"
+            rows.append((prefix + f.name, kind, getattr(default, f.name), help_text))
+
+    walk(Config, "")
+    return rows

@@ -1,0 +1,151 @@
+"""Documents -> tokens -> fixed-length packed rows, and which rows each process reads at each step.
+
+Training rows are the training documents in a seeded random order (a new order every epoch),
+each followed by EOS, concatenated and cut into `seq_len`-token rows; the tail that does not fill
+a row is dropped. Since the number of rows per epoch does not depend on the order, the rows of
+optimizer step s, micro-batch m and process r are a pure function of (s, m, r): resuming needs
+only the step, and every process reads a disjoint shard.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from peftkit import assets
+from peftkit.config import DataConfig
+from peftkit.corpora import split_of
+from peftkit.errors import PeftkitError
+
+IGNORE_INDEX = -100  # label value that carries no loss
+
+
+def read_documents(path: Path, text_field: str = "text") -> list[str]:
+    """Documents of a .jsonl file (one object per line) or a .txt file (blank-line-separated)."""
+    if not path.is_file():
+        raise PeftkitError(f"{path}: no such data file")
+    try:
+        content = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        line = path.read_bytes()[: err.start].count(b"\n") + 1
+        raise PeftkitError(f"{path} line {line}: not valid UTF-8; re-encode the file as UTF-8") from None
+    if path.suffix == ".txt":
+        docs = [block.strip() for block in content.split("\n\n") if block.strip()]
+    elif path.suffix == ".jsonl":
+        docs = []
+        for number, line in enumerate(content.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise PeftkitError(f"{path} line {number}: malformed JSON ({err.msg}); one object per line") from None
+            if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
+                raise PeftkitError(
+                    f"{path} line {number}: no string field '{text_field}'; set data.text_field to the field "
+                    "that holds the text"
+                )
+            if record[text_field].strip():
+                docs.append(record[text_field])
+    else:
+        raise PeftkitError(f"{path}: unsupported file type '{path.suffix}'; use .jsonl or .txt")
+    if not docs:
+        raise PeftkitError(f"{path}: holds no documents")
+    return docs
+
+
+def load_split(config: DataConfig, split: str, log=lambda _: None) -> list[str]:
+    """Documents of one split ('train', 'validation' or 'test') of the domain corpus."""
+    path = assets.resolve(config.source, log=log)
+    if path.is_dir():
+        file = path / f"{split}.jsonl"
+        if not file.exists():
+            raise PeftkitError(f"data.source: {path} has no {split}.jsonl; a folder source needs train, "
+                               "validation and test .jsonl files, or point data.source at one file")  # fmt: skip
+        return read_documents(file, config.text_field)
+    docs = [d for d in read_documents(path, config.text_field)
+            if split_of("text:" + d, config.validation_share, config.test_share) == split]  # fmt: skip
+    if not docs:
+        raise PeftkitError(f"data.source: {path} gives an empty {split} split; add documents")
+    return docs
+
+
+def load_general(config: DataConfig, log=lambda _: None) -> list[str] | None:
+    """General-domain documents for measuring forgetting, or None when disabled."""
+    if not config.general_source:
+        return None
+    path = assets.resolve(config.general_source, log=log)
+    if path.is_dir():
+        path = path / "general.jsonl"
+    return read_documents(path, "text")
+
+
+def tokenize(tokenizer, docs: list[str]) -> list[np.ndarray]:
+    """Token ids of each document with EOS appended, so packed documents stay separated."""
+    eos = tokenizer.eos_token_id
+    ids = tokenizer(docs, add_special_tokens=False)["input_ids"]
+    return [np.asarray([*row, eos], dtype=np.int64) for row in ids]
+
+
+def eval_rows(tokenizer, docs: list[str], seq_len: int, budget: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first `budget` tokens of `docs` (in order) packed into rows, with labels.
+
+    A last, partial row is padded and its padding carries no loss, so short sets are scored whole.
+    """
+    pieces, total = [], 0
+    for start in range(0, len(docs), 64):  # tokenize only as much as the budget needs
+        for ids in tokenize(tokenizer, docs[start : start + 64]):
+            pieces.append(ids)
+            total += len(ids)
+        if total >= budget:
+            break
+    flat = np.concatenate(pieces)[:budget]
+    n_rows = -(-len(flat) // seq_len)
+    input_ids = np.full(n_rows * seq_len, tokenizer.pad_token_id, dtype=np.int64)
+    labels = np.full(n_rows * seq_len, IGNORE_INDEX, dtype=np.int64)
+    input_ids[: len(flat)] = flat
+    labels[: len(flat)] = flat
+    return torch.from_numpy(input_ids).view(n_rows, seq_len), torch.from_numpy(labels).view(n_rows, seq_len)
+
+
+class PackedRows:
+    """The training stream: epoch after epoch of shuffled, packed rows."""
+
+    def __init__(self, docs: list[np.ndarray], seq_len: int, seed: int):
+        self.docs, self.seq_len, self.seed = docs, seq_len, seed
+        self.tokens = int(sum(len(d) for d in docs))
+        self.rows_per_epoch = self.tokens // seq_len
+        self._epoch, self._rows = -1, None
+
+    def epoch_rows(self, epoch: int) -> np.ndarray:
+        if epoch != self._epoch:
+            order = np.random.default_rng([self.seed, epoch]).permutation(len(self.docs))
+            flat = np.concatenate([self.docs[i] for i in order])
+            self._rows = flat[: self.rows_per_epoch * self.seq_len].reshape(-1, self.seq_len)
+            self._epoch = epoch
+        return self._rows
+
+    def rows(self, start: int, count: int) -> torch.Tensor:
+        """Rows `start .. start+count` of the endless stream (crossing epochs as needed)."""
+        out = []
+        for index in range(start, start + count):
+            epoch, offset = divmod(index, self.rows_per_epoch)
+            out.append(self.epoch_rows(epoch)[offset])
+        return torch.from_numpy(np.stack(out))
+
+    def batch(self, step: int, micro: int, rank: int, world: int, batch_size: int, grad_accum: int) -> torch.Tensor:
+        """Rows for one micro-batch of one process: disjoint across processes and micro-batches."""
+        start = ((step * grad_accum + micro) * world + rank) * batch_size
+        return self.rows(start, batch_size)
+
+    def epoch_of(self, step: int, world: int, batch_size: int, grad_accum: int) -> float:
+        return step * grad_accum * world * batch_size / self.rows_per_epoch
+
+
+def iter_batches(input_ids: torch.Tensor, labels: torch.Tensor, batch_size: int) -> Iterator[tuple]:
+    for start in range(0, len(input_ids), batch_size):
+        yield input_ids[start : start + batch_size], labels[start : start + batch_size]

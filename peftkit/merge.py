@@ -1,0 +1,73 @@
+"""Merge a run's adapter into its base model for deployment, and check the result before writing it.
+
+The merge happens in fp32 (merging into a bf16 base moved logits by up to 0.875 in our trial,
+against 6e-5 in fp32) and is cast to the requested dtype afterwards. Before anything is written,
+the merged model's logits are compared with the adapter model's on a few inputs; a difference
+beyond MERGE_ATOL, or a merged model identical to the base, is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+from peftkit import models
+from peftkit.config import Config
+from peftkit.errors import PeftkitError
+
+MERGE_ATOL = 1e-3  # max |logit difference| merged vs adapter model, both fp32 (typically ~1e-4)
+CHECK_INPUTS = (
+    "The patient was admitted with acute myocardial infarction and treated with",
+    "Randomized controlled trials of antibiotic prophylaxis showed",
+    "The history of the Roman Empire begins with",
+)
+
+
+def merge_run(run_dir: Path, out: Path, dtype: str = "fp32", overwrite: bool = False, log=print) -> dict:
+    """Write RUN_DIR's base model with its adapter merged in to `out` (safetensors + tokenizer)."""
+    from peft import PeftModel
+
+    run_dir, out = Path(run_dir), Path(out)
+    adapter_dir = run_dir / "adapter"
+    if not (adapter_dir / "adapter_config.json").exists():
+        raise PeftkitError(f"{run_dir}: no adapter/ folder; merge takes a finished peftkit run folder")
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise PeftkitError(f"--out {out} already holds files; choose another folder or pass --overwrite")
+    if dtype not in models.DTYPES:
+        raise PeftkitError(f"--dtype {dtype}: choose one of {', '.join(models.DTYPES)}")
+    config = Config.from_yaml(run_dir / "config.yaml")
+    tokenizer = models.load_tokenizer(config.model)
+    model = PeftModel.from_pretrained(models.load_model(config.model, dtype=torch.float32), adapter_dir)
+    model.eval()
+
+    inputs = tokenizer(list(CHECK_INPUTS), return_tensors="pt", padding=True)
+    with torch.no_grad():
+        adapted = model(**inputs).logits
+        with model.disable_adapter():
+            base = model(**inputs).logits
+        merged_model = model.merge_and_unload()
+        merged = merged_model(**inputs).logits
+    mask = inputs["attention_mask"].bool()
+    diff = (merged - adapted).abs()[mask].max().item()
+    moved = (merged - base).abs()[mask].max().item()
+    if diff > MERGE_ATOL:
+        raise PeftkitError(f"merged logits differ from the adapter model's by {diff:.2e} > {MERGE_ATOL}; nothing written")
+    if moved == 0:
+        raise PeftkitError("the merged model is identical to the base model (the adapter is a no-op); nothing written")
+
+    merged_model = merged_model.to(models.DTYPES[dtype])
+    partial = out.with_name(out.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    merged_model.save_pretrained(partial)
+    tokenizer.save_pretrained(partial)
+    check = {"max_abs_logit_diff_vs_adapter": diff, "max_abs_logit_diff_vs_base": moved, "tolerance": MERGE_ATOL,
+             "dtype": dtype, "base_model": config.model.name_or_path, "run_dir": str(run_dir)}  # fmt: skip
+    (partial / "peftkit_merge.json").write_text(json.dumps(check, indent=2))
+    if out.exists():
+        shutil.rmtree(out)
+    partial.rename(out)
+    log(f"merged {run_dir} into {out} ({dtype}); logits match the adapter model within {diff:.1e}")
+    return check

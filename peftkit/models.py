@@ -1,0 +1,100 @@
+"""Load a base model and tokenizer (transformers folder or catalog asset) and pick its dtype."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from peftkit import assets
+from peftkit.config import ModelConfig
+from peftkit.errors import PeftkitError
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def fast_bf16() -> bool:
+    """True where bf16 matrix multiply is native: CUDA with bf16, or a CPU with AVX512-BF16 or AMX."""
+    if torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported()
+    cpu = torch.cpu
+    return bool(getattr(cpu, "_is_avx512_bf16_supported", lambda: False)()) or bool(
+        getattr(cpu, "_is_amx_tile_supported", lambda: False)()
+    )
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if fast_bf16() else torch.float32
+    return DTYPES[name]
+
+
+def make_accelerator(mixed_precision: str = "auto"):
+    """An Accelerator on the GPU if there is one, else explicitly on the CPU.
+
+    Choosing the CPU explicitly matters: without it a multi-process launch on a machine without
+    GPUs does not form a process group, and each process trains alone (accelerate 1.15).
+    """
+    from accelerate import Accelerator
+
+    if mixed_precision == "auto":
+        mixed_precision = "bf16" if fast_bf16() else "no"
+    return Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=mixed_precision)
+
+
+def model_path(config: ModelConfig, log=lambda _: None) -> Path:
+    path = assets.resolve(config.name_or_path, log=log)
+    if not (path / "config.json").exists():
+        raise PeftkitError(
+            f"model.name_or_path: {path} is not a transformers model folder (no config.json); "
+            "give a folder saved with save_pretrained or 'asset:smollm2-135m-instruct'"
+        )
+    if not any(path.glob("*.safetensors")):
+        raise PeftkitError(
+            f"model.name_or_path: {path} has no .safetensors weights; peftkit does not load pickled "
+            "weights. Convert them with save_pretrained(..., safe_serialization=True)"
+        )
+    return path
+
+
+def load_tokenizer(config: ModelConfig, log=lambda _: None):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path(config, log), trust_remote_code=config.trust_remote_code)
+    if tokenizer.eos_token_id is None:
+        raise PeftkitError(f"model.name_or_path: the tokenizer of {config.name_or_path} has no EOS token")
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(config: ModelConfig, dtype: torch.dtype | None = None, log=lambda _: None):
+    """Load the base causal LM from safetensors only; `dtype` overrides `config.dtype` (merge uses fp32)."""
+    from transformers import AutoModelForCausalLM
+
+    dtype = dtype or resolve_dtype(config.dtype)
+    return AutoModelForCausalLM.from_pretrained(
+        model_path(config, log),
+        dtype=dtype,
+        use_safetensors=True,
+        trust_remote_code=config.trust_remote_code,
+    )
+
+
+def convert_gguf(gguf_file: Path, out: Path) -> None:
+    """Dequantize a GGUF model into a plain safetensors folder that loads without gguf."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
+    # Loading dequantized the weights; save_pretrained refuses while the model still says it is quantized.
+    model.hf_quantizer = None
+    del model.config.quantization_config
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+
+    sample = tokenizer("The patient presented with fever and a cough.", return_tensors="pt").input_ids
+    reloaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    with torch.no_grad():
+        if not torch.equal(model(sample).logits, reloaded(sample).logits):
+            raise PeftkitError(f"converting {gguf_file.name}: the saved model does not reproduce the GGUF logits")

@@ -1,0 +1,254 @@
+"""Trainer: one explicit training loop on `accelerate.Accelerator`.
+
+    from peftkit import Config, Trainer
+    report = Trainer(Config(output_dir="runs/x")).fit()
+
+The loop: micro-batches of packed rows -> loss scaled for accumulation -> backward -> clip ->
+AdamW step -> LR schedule; every `eval.every_steps` a held-out evaluation, a checkpoint and the
+early-stopping decision. At the end the best checkpoint's adapter is saved to RUN_DIR/adapter and
+the base and tuned models are compared on the held-out domain and general text.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+
+from peftkit import checkpoint, data, methods, models
+from peftkit.config import Config
+from peftkit.errors import PeftkitError
+from peftkit.evaluation import compare_base_and_tuned, format_report, nll, test_sets
+
+RUN_FILES = ("config.yaml", "metrics.jsonl", "report.json", "adapter", "checkpoints")
+
+
+class Trainer:
+    """Fine-tunes `config.model` on `config.data` with `config.method`.
+
+    Args:
+        config: the run's configuration.
+        callbacks: objects with optional `on_step(trainer, record)` and `on_eval(trainer, record)`
+            methods, called on the main process with each metrics record.
+        log: where progress messages go (main process only).
+    """
+
+    def __init__(self, config: Config, callbacks=(), log=print):
+        self.config = config
+        self.callbacks = list(callbacks)
+        self._log = log
+        self.run_dir = Path(config.output_dir)
+
+    def log(self, message: str) -> None:
+        if self.accelerator.is_main_process:
+            self._log(message)
+
+    def fit(self, resume: bool | None = None) -> dict:
+        """Train, evaluate against the base model, and return the report (also in RUN_DIR/report.json)."""
+        from accelerate.utils import set_seed
+        from transformers import get_scheduler
+
+        cfg, train = self.config, self.config.train
+        resume = train.resume if resume is None else resume
+        self.accelerator = acc = models.make_accelerator(train.mixed_precision)
+        if acc.is_main_process:
+            _prepare_run_dir(self.run_dir, resume, train.overwrite)
+            cfg.save_yaml(self.run_dir / "config.yaml")
+        acc.wait_for_everyone()
+
+        set_seed(cfg.seed)
+        self.tokenizer = models.load_tokenizer(cfg.model, log=self.log)
+        base = models.load_model(cfg.model, log=self.log)
+        self.model = methods.apply(cfg.method, base)
+        trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in self.model.parameters())
+        self.log(f"{cfg.method.name}: {trainable:,} trainable of {total:,} parameters ({trainable / total:.2%})")
+
+        stream, val_sets = self._prepare_data()
+        world, batch, accum = acc.num_processes, train.batch_size, train.grad_accum
+        tokens_per_step = batch * accum * world * cfg.data.seq_len
+        self.log(
+            f"train: {stream.tokens:,} tokens in {stream.rows_per_epoch:,} rows of {cfg.data.seq_len}; "
+            f"global batch {batch} x {accum} accumulation x {world} processes = {batch * accum * world} rows"
+            f" ({tokens_per_step:,} tokens) per step; {train.max_steps} steps = "
+            f"{stream.epoch_of(train.max_steps, world, batch, accum):.2f} epochs"
+        )
+
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=train.lr, weight_decay=train.weight_decay)
+        scheduler = get_scheduler(
+            train.lr_schedule if train.lr_schedule != "constant" else "constant_with_warmup",
+            optimizer,
+            num_warmup_steps=train.warmup_steps,
+            num_training_steps=train.max_steps,
+        )
+        # The scheduler is stepped by hand once per optimizer step, whatever the process count.
+        model, optimizer = acc.prepare(self.model, optimizer)
+        peft_model = acc.unwrap_model(model)
+
+        state = {"best_step": None, "best_val_loss": None, "evals_since_best": 0, "train_tokens": 0}
+        start = 0
+        if resume:
+            found = checkpoint.checkpoints(self.run_dir)
+            if not found:
+                raise PeftkitError(f"{self.run_dir}: no complete checkpoint to resume from; start without --train.resume")
+            state = checkpoint.load(found[-1][1], peft_model, optimizer, scheduler, acc)
+            start = state.pop("step")
+            if acc.is_main_process:
+                _truncate_metrics(self.run_dir / "metrics.jsonl", start)
+            self.log(f"resumed from {found[-1][1]} at step {start}")
+
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=train.max_steps, initial=start, disable=not (acc.is_main_process and train.progress),
+                   desc="train", unit="step", dynamic_ncols=True)  # fmt: skip
+        stop_reason, recent_losses, t0 = None, [], time.perf_counter()
+        model.train()
+        for step in range(start, train.max_steps):
+            step_loss = torch.zeros((), device=acc.device)
+            for micro in range(accum):
+                rows = stream.batch(step, micro, acc.process_index, world, batch, accum).to(acc.device)
+                sync = nullcontext() if micro == accum - 1 else acc.no_sync(model)
+                with sync:
+                    loss = model(input_ids=rows, labels=rows).loss / accum  # scale for accumulation
+                    acc.backward(loss)
+                step_loss += loss.detach()
+            grad_norm = acc.clip_grad_norm_(params, train.max_grad_norm) if train.max_grad_norm else None
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            state["train_tokens"] += tokens_per_step
+
+            step_loss = acc.reduce(step_loss, reduction="mean").item()
+            if not math.isfinite(step_loss):
+                raise PeftkitError(f"step {step + 1}: the loss is {step_loss}; lower train.lr or check the data")
+            recent_losses.append(step_loss)
+            elapsed = time.perf_counter() - t0
+            done = step + 1
+            record = {"step": done, "loss": step_loss, "lr": scheduler.get_last_lr()[0],
+                      "tokens": state["train_tokens"], "tokens_per_s": tokens_per_step * (done - start) / elapsed}  # fmt: skip
+            if grad_norm is not None:
+                record["grad_norm"] = float(grad_norm)
+            bar.set_postfix(loss=f"{step_loss:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
+            bar.update(1)
+            if done % train.log_every == 0:
+                self._record(record, "on_step")
+
+            if done % cfg.eval.every_steps == 0 or done == train.max_steps:
+                stop_reason = self._evaluate(done, model, val_sets, recent_losses, state)
+                recent_losses = []
+                checkpoint.save(self.run_dir, done, peft_model, optimizer, scheduler, state, acc)
+                if acc.is_main_process:
+                    checkpoint.prune(self.run_dir, train.keep_checkpoints, state["best_step"])
+                if stop_reason:
+                    break
+        bar.close()
+        final_step = done if train.max_steps > start else start
+        return self._finish(model, peft_model, final_step, stop_reason, state)
+
+    def _prepare_data(self):
+        cfg = self.config
+        docs = data.load_split(cfg.data, "train", log=self.log)
+        if cfg.data.max_train_docs:
+            order = torch.randperm(len(docs), generator=torch.Generator().manual_seed(cfg.seed))
+            docs = [docs[i] for i in order[: cfg.data.max_train_docs]]
+        stream = data.PackedRows(data.tokenize(self.tokenizer, docs), cfg.data.seq_len, cfg.seed)
+        needed = cfg.train.batch_size * self.accelerator.num_processes
+        if stream.rows_per_epoch < needed:
+            raise PeftkitError(
+                f"data.source: the training split has {stream.tokens} tokens, {stream.rows_per_epoch} rows of "
+                f"{cfg.data.seq_len}; one step needs {needed}. Add documents or lower data.seq_len / train.batch_size"
+            )
+        val_sets = {"domain": data.eval_rows(self.tokenizer, data.load_split(cfg.data, "validation"),
+                                             cfg.data.seq_len, cfg.eval.val_tokens)}  # fmt: skip
+        general = data.load_general(cfg.data, log=self.log)
+        if general:
+            val_sets["general"] = data.eval_rows(self.tokenizer, general, cfg.data.seq_len, cfg.eval.val_tokens)
+        return stream, val_sets
+
+    def _record(self, record: dict, hook: str) -> None:
+        if not self.accelerator.is_main_process:
+            return
+        with open(self.run_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+        for callback in self.callbacks:
+            if hasattr(callback, hook):
+                getattr(callback, hook)(self, record)
+
+    def _evaluate(self, step: int, model, val_sets: dict, recent_losses: list[float], state: dict) -> str | None:
+        """Held-out losses, the train/validation gap, and the early-stopping decision."""
+        ev, acc = self.config.eval, self.accelerator
+        record = {"step": step, "train_loss": sum(recent_losses) / max(len(recent_losses), 1)}
+        for name, (input_ids, labels) in val_sets.items():
+            total, tokens = nll(model, input_ids, labels, ev.batch_size, acc)
+            key = "val" if name == "domain" else name
+            record[f"{key}_loss"] = total / tokens
+            record[f"{key}_ppl"] = math.exp(total / tokens)
+        record["gap"] = record["val_loss"] - record["train_loss"]
+        best = state["best_val_loss"]
+        if best is None or record["val_loss"] < best - ev.min_delta:
+            state.update(best_step=step, best_val_loss=record["val_loss"], evals_since_best=0)
+        else:
+            state["evals_since_best"] += 1
+        record["best_step"] = state["best_step"]
+        self._record(record, "on_eval")
+        self.log(f"step {step}: val loss {record['val_loss']:.4f} (ppl {record['val_ppl']:.2f}), "
+                 f"train loss {record['train_loss']:.4f}, gap {record['gap']:+.4f}")  # fmt: skip
+        if ev.patience and state["evals_since_best"] >= ev.patience:
+            return (f"validation loss did not improve by more than {ev.min_delta} for {ev.patience} "
+                    f"evaluations after step {state['best_step']}")  # fmt: skip
+        return None
+
+    def _finish(self, model, peft_model, final_step: int, stop_reason: str | None, state: dict) -> dict:
+        cfg, acc = self.config, self.accelerator
+        best_step = state["best_step"] or final_step
+        if best_step != final_step:
+            checkpoint.load_adapter_weights(peft_model, self.run_dir / "checkpoints" / f"step-{best_step}" / "adapter")
+            self.log(f"restored the best checkpoint, step {best_step}")
+        if acc.is_main_process:
+            adapter_dir = self.run_dir / "adapter"
+            shutil.rmtree(adapter_dir, ignore_errors=True)
+            peft_model.save_pretrained(adapter_dir)
+        report = self.evaluate(model)
+        report.update(best_step=best_step, final_step=final_step, stopped_early=stop_reason is not None,
+                      stop_reason=stop_reason or "reached train.max_steps", train_tokens=state["train_tokens"],
+                      best_val_loss=state["best_val_loss"])  # fmt: skip
+        if acc.is_main_process:
+            (self.run_dir / "report.json").write_text(json.dumps(report, indent=2))
+            self.log(format_report(report))
+            self.log(f"adapter: {self.run_dir / 'adapter'}   report: {self.run_dir / 'report.json'}")
+        acc.wait_for_everyone()
+        return report
+
+    def evaluate(self, model=None) -> dict:
+        """Base vs tuned perplexity on the domain test split and the general text (fixed token budgets)."""
+        sets = test_sets(self.config, self.tokenizer)
+        return compare_base_and_tuned(model or self.model, sets, self.config.eval.batch_size, self.accelerator)
+
+
+def _prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
+    existing = run_dir.is_dir() and any(run_dir.iterdir())
+    if existing and not resume:
+        if not overwrite:
+            raise PeftkitError(
+                f"output_dir {run_dir} already holds files; continue that run with --train.resume=true, replace it "
+                "with --train.overwrite=true, or choose another --output_dir"
+            )
+        if not (run_dir / "config.yaml").exists():
+            raise PeftkitError(f"output_dir {run_dir} is not a peftkit run folder; refusing to overwrite it")
+        for name in RUN_FILES:
+            path = run_dir / name
+            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop records written after the checkpoint we resume from, so the log reads as one run."""
+    if path.exists():
+        kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+        path.write_text("".join(line + "\n" for line in kept))

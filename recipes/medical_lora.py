@@ -1,0 +1,33 @@
+"""Adapt SmolLM2-135M-Instruct to PubMed abstracts with LoRA, then compare it with the base model.
+
+Run:
+    python recipes/medical_lora.py --train.max_steps=4 --output_dir=runs/try
+    accelerate launch recipes/medical_lora.py
+    peftkit train recipes/medical_lora.py --train.lr=3e-4
+
+On the bundled defaults (2 CPU cores, bf16): about 10 minutes of training; the report compares
+base and tuned perplexity on held-out PubMed abstracts and on general-English Wikipedia text.
+"""
+
+from peftkit import Config, DataConfig, EvalConfig, MethodConfig, ModelConfig, TrainConfig
+
+
+def config() -> Config:
+    return Config(
+        model=ModelConfig(name_or_path="asset:smollm2-135m-instruct"),
+        data=DataConfig(source="asset:pubmed-abstracts", general_source="asset:wiki-general", seq_len=512),
+        method=MethodConfig(name="lora", r=16, alpha=32, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]),
+        train=TrainConfig(max_steps=60, batch_size=8, grad_accum=1, lr=5e-4, warmup_steps=6),
+        eval=EvalConfig(every_steps=20, val_tokens=8192, test_tokens=32768, patience=2),
+        output_dir="runs/medical_lora",
+    )
+
+
+def main(argv=None) -> None:
+    from peftkit.cli import run_recipe
+
+    run_recipe(config(), argv, prog="recipes/medical_lora.py")
+
+
+if __name__ == "__main__":
+    main()
