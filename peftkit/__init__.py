@@ -1,7 +1,7 @@
 """peftkit: parameter-efficient fine-tuning that tells you whether it helped.
 
-    from peftkit import Config, Trainer
-    report = Trainer(Config(output_dir="runs/x")).fit()
+from peftkit import Config, Trainer
+report = Trainer(Config(output_dir="runs/x")).fit()
 """
 
 from peftkit.config import Config, DataConfig, EvalConfig, MethodConfig, ModelConfig, TrainConfig

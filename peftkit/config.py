@@ -172,8 +172,7 @@ class Config:
             text = item[2:] if item.startswith("--") else item
             if "=" not in text:
                 raise PeftkitError(
-                    f"{origin}: '{item}' is not an override; write it as --section.key=value, "
-                    "e.g. --train.max_steps=20"
+                    f"{origin}: '{item}' is not an override; write it as --section.key=value, e.g. --train.max_steps=20"
                 )
             dotted, raw = text.split("=", 1)
             *sections, key = dotted.split(".")

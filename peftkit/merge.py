@@ -54,7 +54,9 @@ def merge_run(run_dir: Path, out: Path, dtype: str = "fp32", overwrite: bool = F
     diff = (merged - adapted).abs()[mask].max().item()
     moved = (merged - base).abs()[mask].max().item()
     if diff > MERGE_ATOL:
-        raise PeftkitError(f"merged logits differ from the adapter model's by {diff:.2e} > {MERGE_ATOL}; nothing written")
+        raise PeftkitError(
+            f"merged logits differ from the adapter model's by {diff:.2e} > {MERGE_ATOL}; nothing written"
+        )
     if moved == 0:
         raise PeftkitError("the merged model is identical to the base model (the adapter is a no-op); nothing written")
 

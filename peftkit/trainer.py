@@ -96,7 +96,9 @@ class Trainer:
         if resume:
             found = checkpoint.checkpoints(self.run_dir)
             if not found:
-                raise PeftkitError(f"{self.run_dir}: no complete checkpoint to resume from; start without --train.resume")
+                raise PeftkitError(
+                    f"{self.run_dir}: no complete checkpoint to resume from; start without --train.resume"
+                )
             state = checkpoint.load(found[-1][1], peft_model, optimizer, scheduler, acc)
             start = state.pop("step")
             if acc.is_main_process:
@@ -205,7 +207,7 @@ class Trainer:
         return None
 
     def _finish(self, model, peft_model, final_step: int, stop_reason: str | None, state: dict) -> dict:
-        cfg, acc = self.config, self.accelerator
+        acc = self.accelerator
         best_step = state["best_step"] or final_step
         if best_step != final_step:
             checkpoint.load_adapter_weights(peft_model, self.run_dir / "checkpoints" / f"step-{best_step}" / "adapter")

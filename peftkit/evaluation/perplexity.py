@@ -32,7 +32,10 @@ def nll(model, input_ids: torch.Tensor, labels: torch.Tensor, batch_size: int, a
             logits = model(input_ids=x).logits[:, :-1]
             target = y[:, 1:]
             loss = F.cross_entropy(
-                logits.float().reshape(-1, logits.size(-1)), target.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
+                logits.float().reshape(-1, logits.size(-1)),
+                target.reshape(-1),
+                ignore_index=IGNORE_INDEX,
+                reduction="sum",
             )
             totals += torch.stack([loss.double(), (target != IGNORE_INDEX).sum().double()])
     model.train(was_training)

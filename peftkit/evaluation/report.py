@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from contextlib import nullcontext
-
 import json
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch

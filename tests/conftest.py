@@ -1,0 +1,89 @@
+"""Shared fixtures: a tiny Llama model and word-level tokenizer built locally, and a small corpus."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+
+from peftkit import Config, DataConfig, EvalConfig, MethodConfig, ModelConfig, TrainConfig
+
+SUBJECTS = ["the patient", "the child", "a woman", "an elderly man", "the cohort"]
+VERBS = ["received", "was treated with", "responded to", "was given"]
+DRUGS = ["aspirin", "insulin", "metformin", "penicillin", "heparin", "statins"]
+OUTCOMES = ["and recovered", "without side effects", "and improved", "after surgery"]
+GENERAL = ["the river flows to the sea", "a king ruled the old city", "the team won the final game",
+           "music was played in the hall", "the city has a large park"]  # fmt: skip
+WORDS = sorted({w for group in (SUBJECTS, VERBS, DRUGS, OUTCOMES, GENERAL) for p in group for w in p.split()} | {"."})
+
+
+def make_doc(rng: random.Random) -> str:
+    sentences = [f"{rng.choice(SUBJECTS)} {rng.choice(VERBS)} {rng.choice(DRUGS)} {rng.choice(OUTCOMES)} ."
+                 for _ in range(rng.randint(2, 5))]  # fmt: skip
+    return " ".join(sentences)
+
+
+def build_tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(["<unk>", "<pad>", "<eos>", *WORDS])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", eos_token="<eos>")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    path = tmp_path_factory.mktemp("tiny-llama")
+    tokenizer = build_tokenizer()
+    torch.manual_seed(0)
+    # a large init scale lets a frozen, tied, random embedding still express sharp next-token distributions
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                         tie_word_embeddings=True, initializer_range=0.3)  # fmt: skip
+    LlamaForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def write_jsonl(path: Path, texts: list[str]) -> Path:
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    return path
+
+
+@pytest.fixture(scope="session")
+def corpus_dir(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("corpus")
+    rng = random.Random(0)
+    for split, count in [("train", 200), ("validation", 30), ("test", 30)]:
+        write_jsonl(path / f"{split}.jsonl", [make_doc(rng) for _ in range(count)])
+    write_jsonl(path / "general.jsonl", [" . ".join(rng.sample(GENERAL, 3)) + " ." for _ in range(30)])
+    return path
+
+
+@pytest.fixture
+def tiny_config(tiny_model_dir, corpus_dir, tmp_path) -> Config:
+    """A config that trains the tiny model for a few fp32 steps in about a second."""
+    return Config(
+        model=ModelConfig(name_or_path=str(tiny_model_dir), dtype="fp32"),
+        data=DataConfig(source=str(corpus_dir), general_source=str(corpus_dir / "general.jsonl"), seq_len=32),
+        method=MethodConfig(r=8, alpha=16, target_modules=["all-linear"]),
+        train=TrainConfig(max_steps=12, batch_size=4, lr=5e-2, warmup_steps=2, mixed_precision="no", progress=False),
+        eval=EvalConfig(every_steps=4, val_tokens=256, test_tokens=512, batch_size=8),
+        output_dir=str(tmp_path / "run"),
+    )
+
+
+@pytest.fixture(autouse=True)
+def _fresh_accelerate_state():
+    yield
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)

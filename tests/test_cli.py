@@ -1,0 +1,66 @@
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(*args, cwd=ROOT):
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=cwd, timeout=300)
+
+
+def assert_clean_error(result, fragment):
+    assert result.returncode == 2, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.startswith("peftkit: error:")]
+    assert len(lines) == 1 and fragment in lines[0], result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    "args, fragment",
+    [
+        (["recipes/medical_lora.py", "--train.lrr=1"], "did you mean 'train.lr'"),
+        (["recipes/medical_lora.py", "--train.batch_size=-1"], "train.batch_size"),
+        (["-m", "peftkit.cli", "train", "nope.yaml"], "nope.yaml: no such recipe or config file"),
+        (["-m", "peftkit.cli", "eval", "/nonexistent/run"], "no adapter/ folder"),
+        (["-m", "peftkit.cli", "merge", "/nonexistent/run", "--out", "/tmp/x"], "no adapter/ folder"),
+        (["-m", "peftkit.cli", "fetch", "nope"], "unknown asset 'nope'"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(args, fragment):
+    assert_clean_error(run(*args), fragment)
+
+
+def test_yaml_config_with_a_bad_value_names_file_and_key(tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text("train:\n  lr: fast\n")
+    assert_clean_error(run("-m", "peftkit.cli", "train", str(config)), "c.yaml: config key 'train.lr' must be a number")
+
+
+def test_recipe_help_lists_every_key():
+    result = run("recipes/medical_lora.py", "--help")
+    assert result.returncode == 0
+    assert "--train.lr" in result.stdout and "--eval.patience" in result.stdout
+
+
+def test_train_eval_merge_from_the_cli(tiny_config, tmp_path):
+    config = tmp_path / "tiny.yaml"
+    tiny_config.save_yaml(config)
+    out = tmp_path / "run"
+    result = run("-m", "peftkit.cli", "train", str(config), "--train.max_steps=4", f"--output_dir={out}")
+    assert result.returncode == 0, result.stderr
+    assert "domain ppl" in result.stdout
+    before = json.loads((out / "report.json").read_text())
+
+    result = run("-m", "peftkit.cli", "eval", str(out))
+    assert result.returncode == 0, result.stderr
+    after = json.loads((out / "report.json").read_text())
+    assert after["tuned"]["domain_ppl"] == pytest.approx(before["tuned"]["domain_ppl"], rel=1e-5)
+    assert after["best_step"] == before["best_step"]  # recomputing keeps the training record
+
+    result = run("-m", "peftkit.cli", "merge", str(out), "--out", str(tmp_path / "merged"))
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "merged" / "model.safetensors").exists()
