@@ -5,8 +5,9 @@ Run:
     accelerate launch recipes/medical_lora.py
     peftkit train recipes/medical_lora.py --train.lr=3e-4
 
-On the bundled defaults (2 CPU cores, bf16): about 10 minutes of training; the report compares
-base and tuned perplexity on held-out PubMed abstracts and on general-English Wikipedia text.
+On the bundled defaults (2 CPU cores, bf16): 48 steps of 8 x 512 tokens (~200k tokens, about
+11 minutes); the report compares base and tuned perplexity on 16k held-out PubMed tokens and on
+16k tokens of general-English Wikipedia text.
 """
 
 from peftkit import Config, DataConfig, EvalConfig, MethodConfig, ModelConfig, TrainConfig
@@ -17,8 +18,8 @@ def config() -> Config:
         model=ModelConfig(name_or_path="asset:smollm2-135m-instruct"),
         data=DataConfig(source="asset:pubmed-abstracts", general_source="asset:wiki-general", seq_len=512),
         method=MethodConfig(name="lora", r=16, alpha=32, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]),
-        train=TrainConfig(max_steps=60, batch_size=8, grad_accum=1, lr=5e-4, warmup_steps=6),
-        eval=EvalConfig(every_steps=20, val_tokens=8192, test_tokens=32768, patience=2),
+        train=TrainConfig(max_steps=48, batch_size=8, grad_accum=1, lr=5e-4, warmup_steps=5),
+        eval=EvalConfig(every_steps=16, val_tokens=8192, test_tokens=16384, patience=2),
         output_dir="runs/medical_lora",
     )
 
