@@ -138,6 +138,14 @@ class EvalConfig:
     batch_size: int = _f(4, "rows per forward pass during evaluation")
     patience: int = _f(0, "stop after this many evaluations without improvement; 0 = never stop early")
     min_delta: float = _f(0.0, "validation-loss decrease that counts as an improvement")
+    max_general_ppl_increase: float | None = _f(
+        None,
+        "forgetting budget: a checkpoint whose general-text perplexity exceeds the base model's by more "
+        "than this fraction (e.g. 0.05) is never chosen as best, and the verdict rejects such a model",
+    )
+    min_domain_gain: float = _f(
+        0.01, "relative drop in domain test perplexity the tuned model must reach for the verdict 'helped'"
+    )
 
     def __post_init__(self):
         for key in ("every_steps", "val_tokens", "test_tokens", "batch_size"):
@@ -145,6 +153,12 @@ class EvalConfig:
             _require(value > 0, f"eval.{key}", f"must be positive, got {value}")
         _require(self.patience >= 0, "eval.patience", "must be >= 0")
         _require(self.min_delta >= 0, "eval.min_delta", "must be >= 0")
+        _require(
+            self.max_general_ppl_increase is None or self.max_general_ppl_increase >= 0,
+            "eval.max_general_ppl_increase",
+            "must be a fraction >= 0 (e.g. 0.05) or null",
+        )
+        _require(0 <= self.min_domain_gain < 1, "eval.min_domain_gain", "must be in [0, 1)")
 
 
 @dataclass

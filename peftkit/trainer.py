@@ -23,7 +23,7 @@ import torch
 from peftkit import checkpoint, data, methods, models
 from peftkit.config import Config
 from peftkit.errors import PeftkitError
-from peftkit.evaluation import compare_base_and_tuned, format_report, nll, test_sets
+from peftkit.evaluation import compare_base_and_tuned, format_report, nll, test_sets, verdict
 
 RUN_FILES = ("config.yaml", "metrics.jsonl", "report.json", "adapter", "checkpoints")
 
@@ -91,7 +91,7 @@ class Trainer:
         model, optimizer = acc.prepare(self.model, optimizer)
         peft_model = acc.unwrap_model(model)
 
-        state = {"best_step": None, "best_val_loss": None, "evals_since_best": 0, "train_tokens": 0}
+        state = {"best_step": None, "best_val_loss": None, "evals_since_best": 0, "train_tokens": 0, "baseline": None}
         start = 0
         if resume:
             found = checkpoint.checkpoints(self.run_dir)
@@ -104,6 +104,11 @@ class Trainer:
             if acc.is_main_process:
                 _truncate_metrics(self.run_dir / "metrics.jsonl", start)
             self.log(f"resumed from {found[-1][1]} at step {start}")
+
+        if start == 0:
+            # Step 0 is the base model (LoRA starts as the identity): the reference for the curves
+            # and for the forgetting budget.
+            state["baseline"] = self._evaluate(0, model, val_sets, [], state)
 
         from tqdm.auto import tqdm
 
@@ -142,7 +147,8 @@ class Trainer:
                 self._record(record, "on_step")
 
             if done % cfg.eval.every_steps == 0 or done == train.max_steps:
-                stop_reason = self._evaluate(done, model, val_sets, recent_losses, state)
+                self._evaluate(done, model, val_sets, recent_losses, state)
+                stop_reason = self._stop_reason(state)
                 recent_losses = []
                 checkpoint.save(self.run_dir, done, peft_model, optimizer, scheduler, state, acc)
                 if acc.is_main_process:
@@ -182,34 +188,51 @@ class Trainer:
             if hasattr(callback, hook):
                 getattr(callback, hook)(self, record)
 
-    def _evaluate(self, step: int, model, val_sets: dict, recent_losses: list[float], state: dict) -> str | None:
-        """Held-out losses, the train/validation gap, and the early-stopping decision."""
+    def _evaluate(self, step: int, model, val_sets: dict, recent_losses: list[float], state: dict) -> dict:
+        """Held-out losses, the train/validation gap, and the best-checkpoint bookkeeping."""
         ev, acc = self.config.eval, self.accelerator
-        record = {"step": step, "train_loss": sum(recent_losses) / max(len(recent_losses), 1)}
+        record = {"step": step}
+        if recent_losses:
+            record["train_loss"] = sum(recent_losses) / len(recent_losses)
         for name, (input_ids, labels) in val_sets.items():
             total, tokens = nll(model, input_ids, labels, ev.batch_size, acc)
             key = "val" if name == "domain" else name
             record[f"{key}_loss"] = total / tokens
             record[f"{key}_ppl"] = math.exp(total / tokens)
-        record["gap"] = record["val_loss"] - record["train_loss"]
-        best = state["best_val_loss"]
-        if best is None or record["val_loss"] < best - ev.min_delta:
-            state.update(best_step=step, best_val_loss=record["val_loss"], evals_since_best=0)
-        else:
-            state["evals_since_best"] += 1
-        record["best_step"] = state["best_step"]
+        if recent_losses:
+            record["gap"] = record["val_loss"] - record["train_loss"]
+        baseline = state["baseline"]
+        if step > 0:
+            budget = ev.max_general_ppl_increase
+            record["within_budget"] = not (
+                budget is not None and "general_ppl" in record
+                and record["general_ppl"] > baseline["general_ppl"] * (1 + budget)
+            )  # fmt: skip
+            best = state["best_val_loss"]
+            if record["within_budget"] and (best is None or record["val_loss"] < best - ev.min_delta):
+                state.update(best_step=step, best_val_loss=record["val_loss"], evals_since_best=0)
+            else:
+                state["evals_since_best"] += 1
+            record["best_step"] = state["best_step"]
         self._record(record, "on_eval")
-        self.log(f"step {step}: val loss {record['val_loss']:.4f} (ppl {record['val_ppl']:.2f}), "
-                 f"train loss {record['train_loss']:.4f}, gap {record['gap']:+.4f}")  # fmt: skip
+        message = f"step {step}: val loss {record['val_loss']:.4f} (ppl {record['val_ppl']:.2f})"
+        if "general_ppl" in record:
+            message += f", general ppl {record['general_ppl']:.2f}"
+        if recent_losses:
+            message += f", train loss {record['train_loss']:.4f}, gap {record['gap']:+.4f}"
+        self.log(message + ("" if record.get("within_budget", True) else "  [beyond the forgetting budget]"))
+        return record
+
+    def _stop_reason(self, state: dict) -> str | None:
+        ev = self.config.eval
         if ev.patience and state["evals_since_best"] >= ev.patience:
-            return (f"validation loss did not improve by more than {ev.min_delta} for {ev.patience} "
-                    f"evaluations after step {state['best_step']}")  # fmt: skip
+            return (f"validation loss did not improve by more than {ev.min_delta} (within the forgetting budget) "
+                    f"for {ev.patience} evaluations after step {state['best_step']}")  # fmt: skip
         return None
 
     def _finish(self, model, peft_model, final_step: int, stop_reason: str | None, state: dict) -> dict:
-        acc = self.accelerator
-        best_step = state["best_step"] or final_step
-        if best_step != final_step:
+        acc, best_step = self.accelerator, state["best_step"]
+        if best_step is not None and best_step != final_step:
             checkpoint.load_adapter_weights(peft_model, self.run_dir / "checkpoints" / f"step-{best_step}" / "adapter")
             self.log(f"restored the best checkpoint, step {best_step}")
         if acc.is_main_process:
@@ -217,9 +240,11 @@ class Trainer:
             shutil.rmtree(adapter_dir, ignore_errors=True)
             peft_model.save_pretrained(adapter_dir)
         report = self.evaluate(model)
-        report.update(best_step=best_step, final_step=final_step, stopped_early=stop_reason is not None,
-                      stop_reason=stop_reason or "reached train.max_steps", train_tokens=state["train_tokens"],
-                      best_val_loss=state["best_val_loss"])  # fmt: skip
+        report.update(best_step=best_step, adapter_step=best_step or final_step, final_step=final_step,
+                      stopped_early=stop_reason is not None, stop_reason=stop_reason or "reached train.max_steps",
+                      train_tokens=state["train_tokens"], best_val_loss=state["best_val_loss"],
+                      baseline=state["baseline"])  # fmt: skip
+        report["verdict"] = verdict(report, self.config.eval)
         if acc.is_main_process:
             (self.run_dir / "report.json").write_text(json.dumps(report, indent=2))
             self.log(format_report(report))

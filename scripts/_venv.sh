@@ -1,15 +1,19 @@
-# Sourced by scripts/demo and scripts/test: create .venv (once) and install peftkit into it.
+# Sourced by scripts/demo and scripts/test: create .venv (once) and install peftkit into it,
+# with the dependency versions tested together (scripts/constraints.txt).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${PEFTKIT_VENV:-$ROOT/.venv}"
-PY="${PYTHON:-python3}"
 if [ ! -x "$VENV/bin/python" ]; then
     echo "creating virtual environment in $VENV" >&2
-    "$PY" -m venv "$VENV"
+    "${PYTHON:-python3}" -m venv "$VENV"
 fi
-# torch first, pinned to the CPU build: with it installed, the project's torch range pulls nothing else.
-"$VENV/bin/python" -m pip install -q --disable-pip-version-check "torch==2.13.0" 2>&1 | grep -v "is ignored" || true
-"$VENV/bin/python" -m pip install -q --disable-pip-version-check -e "$ROOT[dev]" 2>&1 | grep -v "is ignored" || true
-"$VENV/bin/python" -c "import peftkit, torch" || { echo "installation failed" >&2; exit 1; }
+pip_install() {
+    # keep pip's exit status; drop only its noise about unused local index folders
+    "$VENV/bin/python" -m pip install -q --disable-pip-version-check -c "$ROOT/scripts/constraints.txt" "$@" \
+        2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
+}
+# torch first, the CPU build: with it installed, the project's torch range pulls no CUDA build.
+pip_install "torch==2.13.0"
+pip_install -e "$ROOT[dev]"
 export PATH="$VENV/bin:$PATH"
 cd "$ROOT"

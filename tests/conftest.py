@@ -48,9 +48,31 @@ def tiny_model_dir(tmp_path_factory) -> Path:
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
                          tie_word_embeddings=True, initializer_range=0.3)  # fmt: skip
-    LlamaForCausalLM(config).save_pretrained(path)
+    model = LlamaForCausalLM(config)
+    pretrain_on_general_text(model, tokenizer)
+    model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+def general_doc(rng: random.Random) -> str:
+    return " . ".join(rng.sample(GENERAL, 3)) + " ."
+
+
+def pretrain_on_general_text(model, tokenizer, steps: int = 150) -> None:
+    """Give the tiny base model general knowledge to lose, as a real pretrained model has (~1 s)."""
+    import torch
+
+    from peftkit.data import PackedRows, tokenize
+
+    rng = random.Random(1)
+    stream = PackedRows(tokenize(tokenizer, [general_doc(rng) for _ in range(300)]), seq_len=32, seed=1)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for step in range(steps):
+        rows = stream.rows(step * 16, 16)
+        model(input_ids=rows, labels=rows).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
 
 
 def write_jsonl(path: Path, texts: list[str]) -> Path:
@@ -64,7 +86,7 @@ def corpus_dir(tmp_path_factory) -> Path:
     rng = random.Random(0)
     for split, count in [("train", 200), ("validation", 30), ("test", 30)]:
         write_jsonl(path / f"{split}.jsonl", [make_doc(rng) for _ in range(count)])
-    write_jsonl(path / "general.jsonl", [" . ".join(rng.sample(GENERAL, 3)) + " ." for _ in range(30)])
+    write_jsonl(path / "general.jsonl", [general_doc(rng) for _ in range(30)])
     return path
 
 

@@ -117,7 +117,7 @@ def test_early_stopping_restores_the_best_adapter(tiny_config, corpus_dir, tiny_
     assert "did not improve" in report["stop_reason"]
 
     evals = [json.loads(line) for line in (trainer.run_dir / "metrics.jsonl").read_text().splitlines()]
-    evals = [r for r in evals if "val_loss" in r]
+    evals = [r for r in evals if "val_loss" in r and r["step"] > 0]
     assert min(evals, key=lambda r: r["val_loss"])["step"] == report["best_step"]
 
     # the adapter that was kept scores exactly the best validation loss recorded
@@ -137,3 +137,37 @@ def test_refuses_to_clobber_a_run_and_to_resume_nothing(tiny_config):
 def test_resume_without_checkpoint_is_an_error(tiny_config):
     with pytest.raises(PeftkitError, match="no complete checkpoint"):
         Trainer(with_train(tiny_config, resume=True), log=lambda _: None).fit()
+
+
+def test_forgetting_budget_is_never_exceeded_by_the_chosen_checkpoint(tiny_config):
+    config = dataclasses.replace(
+        with_train(tiny_config, max_steps=24),
+        eval=dataclasses.replace(tiny_config.eval, every_steps=3, max_general_ppl_increase=0.10),
+    )
+    trainer = Trainer(config, log=lambda _: None)
+    report = trainer.fit()
+    evals = [json.loads(line) for line in (trainer.run_dir / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in evals if "val_loss" in r]
+    base_general = evals[0]["general_ppl"]
+    assert evals[0]["step"] == 0 and report["baseline"]["general_ppl"] == base_general
+    beyond = [r["step"] for r in evals[1:] if r["general_ppl"] > base_general * 1.10]
+    assert beyond, "the test needs a run that forgets: raise the learning rate"
+    assert report["best_step"] not in beyond
+    if report["best_step"] is None:
+        assert not report["verdict"]["helped"]
+    else:
+        best = next(r for r in evals if r["step"] == report["best_step"])
+        assert best["general_ppl"] <= base_general * 1.10
+
+
+def test_verdict_recommends_the_base_model_when_tuning_did_nothing(tiny_config):
+    report = Trainer(with_train(tiny_config, max_steps=2, lr=1e-7), log=lambda _: None).fit()
+    assert abs(report["change"]["domain_ppl"]) < 0.01
+    assert report["verdict"]["helped"] is False and report["verdict"]["recommend"] == "base"
+    assert "short of the 1% gain required" in report["verdict"]["reasons"][0]
+
+
+def test_verdict_says_helped_when_domain_perplexity_drops(tiny_config):
+    report = Trainer(tiny_config, log=lambda _: None).fit()
+    assert report["change"]["domain_ppl"] < -0.3
+    assert report["verdict"]["helped"] is True and report["verdict"]["recommend"] == "tuned"

@@ -43,6 +43,7 @@ def evaluate_run(run_dir: Path) -> dict:
     path = run_dir / "report.json"
     previous = json.loads(path.read_text()) if path.exists() else {}
     previous.update(report)
+    previous["verdict"] = verdict(previous, config.eval)
     path.write_text(json.dumps(previous, indent=2))
     return previous
 
@@ -68,10 +69,46 @@ def compare_base_and_tuned(
     return report
 
 
+def verdict(report: dict, ev) -> dict:
+    """Was the fine-tune worth it? Judged on held-out data only, against the base model."""
+    base, tuned, change = report["base"], report["tuned"], report["change"]
+    helped = change["domain_ppl"] <= -ev.min_domain_gain
+    reasons = [
+        f"domain test perplexity {base['domain_ppl']:.2f} -> {tuned['domain_ppl']:.2f} ({change['domain_ppl']:+.1%}): "
+        + ("a real gain" if helped else f"short of the {ev.min_domain_gain:.0%} gain required (eval.min_domain_gain)")
+    ]
+    if "general_ppl" in change:
+        budget = ev.max_general_ppl_increase
+        over = budget is not None and change["general_ppl"] > budget
+        reasons.append(
+            f"general-text perplexity {base['general_ppl']:.2f} -> {tuned['general_ppl']:.2f} ({change['general_ppl']:+.1%})"
+            + (f": beyond the forgetting budget of +{budget:.0%}" if over else "")
+        )
+        helped = helped and not over
+    if report.get("final_step") and report.get("best_step") is None:
+        helped = False
+        reasons.append("no checkpoint stayed within the forgetting budget; adapter/ holds the last one")
+    elif report.get("stopped_early"):
+        reasons.append(
+            f"stopped early ({report['stop_reason']}); the best checkpoint, step {report['best_step']}, is kept"
+        )
+    reasons.append("raw-text perplexity cannot see an instruct model losing its chat behaviour; check generations too")
+    return {
+        "helped": helped,
+        "recommend": "tuned" if helped else "base",
+        "summary": "fine-tuning helped: deploy the tuned model" if helped
+        else "fine-tuning did not pay off on held-out data: keep the base model",
+        "reasons": reasons,
+    }  # fmt: skip
+
+
 def format_report(report: dict) -> str:
     lines = [f"{'':<14}{'base':>10}{'tuned':>10}{'change':>9}   tokens scored"]
     for key, base in report["base"].items():
         name = key.removesuffix("_ppl")
         tuned, change = report["tuned"][key], report["change"][key]
         lines.append(f"{name + ' ppl':<14}{base:>10.2f}{tuned:>10.2f}{change:>+9.1%}   {report['eval_tokens'][name]}")
+    if "verdict" in report:
+        lines.append(f"verdict: {report['verdict']['summary']}")
+        lines.extend(f"  - {reason}" for reason in report["verdict"]["reasons"])
     return "\n".join(lines)

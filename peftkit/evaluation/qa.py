@@ -1,0 +1,104 @@
+"""Multiple-choice QA scored by log-likelihood of each option (MMLU style), base vs tuned.
+
+Each option is scored as the mean log-probability of its tokens after the prompt
+"Question: ...\\nAnswer:"; the highest-scoring option is the model's answer. Scoring the option
+text rather than a letter is the reading that small models can actually do.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+MEDICAL_SUBJECTS = (
+    "anatomy",
+    "clinical knowledge",
+    "college biology",
+    "college medicine",
+    "medical genetics",
+    "professional medicine",
+)
+
+
+def load_questions(path: Path, medical: bool, limit: int, seed: int) -> list[dict]:
+    """A seeded sample of `limit` MMLU questions from the medical subjects, or from all the others."""
+    rows = [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    rows = [r for r in rows if (r["subject"] in MEDICAL_SUBJECTS) == medical]
+    random.Random(seed).shuffle(rows)
+    return rows[:limit]
+
+
+def prompt(question: dict) -> str:
+    return f"Question: {question['question'].strip()}\nAnswer:"
+
+
+@torch.no_grad()
+def choose(model, tokenizer, questions: list[dict], batch_size: int = 8, accelerator=None) -> list[int]:
+    """Index of the option each question's highest mean log-probability picks."""
+    pairs = []  # (question index, option index, prompt ids, option ids)
+    for qi, q in enumerate(questions):
+        context = tokenizer(prompt(q), add_special_tokens=False)["input_ids"]
+        for oi, option in enumerate(q["choices"]):
+            pairs.append((qi, oi, context, tokenizer(" " + option.strip(), add_special_tokens=False)["input_ids"]))
+    scores = torch.full((len(questions), max(len(q["choices"]) for q in questions)), -math.inf)
+    device = next(model.parameters()).device
+    order = sorted(range(len(pairs)), key=lambda k: len(pairs[k][2]) + len(pairs[k][3]))  # less padding
+    was_training = model.training
+    model.eval()
+    with accelerator.autocast() if accelerator else nullcontext():
+        for start in range(0, len(order), batch_size):
+            chunk = [pairs[k] for k in order[start : start + batch_size]]
+            length = max(len(c) + len(o) for _, _, c, o in chunk)
+            ids = torch.full((len(chunk), length), tokenizer.pad_token_id)
+            for row, (_, _, c, o) in enumerate(chunk):
+                ids[row, : len(c) + len(o)] = torch.tensor(c + o)
+            logprobs = F.log_softmax(model(input_ids=ids.to(device)).logits.float(), dim=-1)
+            for row, (qi, oi, c, o) in enumerate(chunk):
+                # the token at position p is predicted by the logits at p - 1
+                positions = torch.arange(len(c) - 1, len(c) + len(o) - 1, device=device)
+                targets = torch.tensor(o, device=device)
+                scores[qi, oi] = logprobs[row, positions, targets].mean().item()
+    model.train(was_training)
+    return scores.argmax(dim=1).tolist()
+
+
+def wilson(correct: int, n: int, z: float = 1.96) -> list[float]:
+    if n == 0:
+        return [0.0, 1.0]
+    p = correct / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return [round(centre - half, 4), round(centre + half, 4)]
+
+
+def compare(peft_model, tokenizer, groups: dict[str, list[dict]], batch_size: int = 8, accelerator=None) -> dict:
+    """Accuracy of base (adapter disabled) and tuned model per group, with 95% intervals, and the
+    paired change in accuracy with its 95% interval (same questions for both)."""
+    result = {}
+    for name, questions in groups.items():
+        if not questions:
+            continue
+        answers = torch.tensor([q["answer"] for q in questions])
+        with peft_model.disable_adapter():
+            base = (torch.tensor(choose(peft_model, tokenizer, questions, batch_size, accelerator)) == answers).tolist()
+        tuned = (torch.tensor(choose(peft_model, tokenizer, questions, batch_size, accelerator)) == answers).tolist()
+        n = len(questions)
+        diffs = [float(t) - float(b) for t, b in zip(tuned, base, strict=True)]
+        mean = sum(diffs) / n
+        spread = math.sqrt(sum((d - mean) ** 2 for d in diffs) / max(n - 1, 1) / n)
+        result[name] = {
+            "questions": n,
+            "base_accuracy": sum(base) / n,
+            "base_ci95": wilson(sum(base), n),
+            "tuned_accuracy": sum(tuned) / n,
+            "tuned_ci95": wilson(sum(tuned), n),
+            "change": mean,
+            "change_ci95": [round(mean - 1.96 * spread, 4), round(mean + 1.96 * spread, 4)],
+        }
+    return result
