@@ -139,10 +139,19 @@ class EvalConfig:
     patience: int = _f(0, "stop after this many evaluations without improvement; 0 = never stop early")
     min_delta: float = _f(0.0, "validation-loss decrease that counts as an improvement")
     max_general_ppl_increase: float | None = _f(
-        None,
+        0.10,
         "forgetting budget: a checkpoint whose general-text perplexity exceeds the base model's by more "
         "than this fraction (e.g. 0.05) is never chosen as best, and the verdict rejects such a model",
     )
+    max_general_kl: float | None = _f(
+        None,
+        "forgetting budget in nats per token: a checkpoint whose answers to general prompts diverge from the "
+        "base model's by more KL than this is never chosen as best",
+    )
+    kl_prompts: bool = _f(True, "measure KL from the base model on a fixed set of general prompts at each evaluation")
+    qa_source: str = _f("asset:mmlu", "multiple-choice questions (JSONL: subject, question, choices, answer)")
+    qa_questions: int = _f(0, "questions per group (medical, general) scored base vs tuned at the end; 0 = skip")
+    diagnostics: bool = _f(True, "memorisation and train/held-out leakage checks in the final report")
     min_domain_gain: float = _f(
         0.01, "relative drop in domain test perplexity the tuned model must reach for the verdict 'helped'"
     )
@@ -159,6 +168,8 @@ class EvalConfig:
             "must be a fraction >= 0 (e.g. 0.05) or null",
         )
         _require(0 <= self.min_domain_gain < 1, "eval.min_domain_gain", "must be in [0, 1)")
+        _require(self.max_general_kl is None or self.max_general_kl >= 0, "eval.max_general_kl", "must be >= 0 or null")
+        _require(self.qa_questions >= 0, "eval.qa_questions", "must be >= 0")
 
 
 @dataclass

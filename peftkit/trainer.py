@@ -20,10 +20,12 @@ from pathlib import Path
 
 import torch
 
-from peftkit import checkpoint, data, methods, models
+from peftkit import assets, checkpoint, data, methods, models
 from peftkit.config import Config
 from peftkit.errors import PeftkitError
-from peftkit.evaluation import compare_base_and_tuned, format_report, nll, test_sets, verdict
+from peftkit.evaluation import compare_base_and_tuned, forgetting, format_report, nll, qa, test_sets, verdict
+from peftkit.evaluation.leakage import find_leaks
+from peftkit.evaluation.memorization import memorization
 
 RUN_FILES = ("config.yaml", "metrics.jsonl", "report.json", "adapter", "checkpoints")
 
@@ -90,6 +92,7 @@ class Trainer:
         # The scheduler is stepped by hand once per optimizer step, whatever the process count.
         model, optimizer = acc.prepare(self.model, optimizer)
         peft_model = acc.unwrap_model(model)
+        self.answers = forgetting.base_answers(peft_model, self.tokenizer) if cfg.eval.kl_prompts else None
 
         state = {"best_step": None, "best_val_loss": None, "evals_since_best": 0, "train_tokens": 0, "baseline": None}
         start = 0
@@ -165,6 +168,7 @@ class Trainer:
         if cfg.data.max_train_docs:
             order = torch.randperm(len(docs), generator=torch.Generator().manual_seed(cfg.seed))
             docs = [docs[i] for i in order[: cfg.data.max_train_docs]]
+        self.train_docs = docs
         stream = data.PackedRows(data.tokenize(self.tokenizer, docs), cfg.data.seq_len, cfg.seed)
         needed = cfg.train.batch_size * self.accelerator.num_processes
         if stream.rows_per_epoch < needed:
@@ -172,8 +176,8 @@ class Trainer:
                 f"data.source: the training split has {stream.tokens} tokens, {stream.rows_per_epoch} rows of "
                 f"{cfg.data.seq_len}; one step needs {needed}. Add documents or lower data.seq_len / train.batch_size"
             )
-        val_sets = {"domain": data.eval_rows(self.tokenizer, data.load_split(cfg.data, "validation"),
-                                             cfg.data.seq_len, cfg.eval.val_tokens)}  # fmt: skip
+        self.val_docs = data.load_split(cfg.data, "validation")
+        val_sets = {"domain": data.eval_rows(self.tokenizer, self.val_docs, cfg.data.seq_len, cfg.eval.val_tokens)}
         general = data.load_general(cfg.data, log=self.log)
         if general:
             val_sets["general"] = data.eval_rows(self.tokenizer, general, cfg.data.seq_len, cfg.eval.val_tokens)
@@ -199,14 +203,17 @@ class Trainer:
             key = "val" if name == "domain" else name
             record[f"{key}_loss"] = total / tokens
             record[f"{key}_ppl"] = math.exp(total / tokens)
+        if self.answers is not None:
+            record["general_kl"] = forgetting.kl_from_base(acc.unwrap_model(model), self.answers, acc)
         if recent_losses:
             record["gap"] = record["val_loss"] - record["train_loss"]
         baseline = state["baseline"]
         if step > 0:
-            budget = ev.max_general_ppl_increase
+            ppl_budget, kl_budget = ev.max_general_ppl_increase, ev.max_general_kl
             record["within_budget"] = not (
-                budget is not None and "general_ppl" in record
-                and record["general_ppl"] > baseline["general_ppl"] * (1 + budget)
+                (ppl_budget is not None and "general_ppl" in record
+                 and record["general_ppl"] > baseline["general_ppl"] * (1 + ppl_budget))
+                or (kl_budget is not None and record.get("general_kl", 0.0) > kl_budget)
             )  # fmt: skip
             best = state["best_val_loss"]
             if record["within_budget"] and (best is None or record["val_loss"] < best - ev.min_delta):
@@ -218,6 +225,8 @@ class Trainer:
         message = f"step {step}: val loss {record['val_loss']:.4f} (ppl {record['val_ppl']:.2f})"
         if "general_ppl" in record:
             message += f", general ppl {record['general_ppl']:.2f}"
+        if "general_kl" in record:
+            message += f", general KL {record['general_kl']:.4f}"
         if recent_losses:
             message += f", train loss {record['train_loss']:.4f}, gap {record['gap']:+.4f}"
         self.log(message + ("" if record.get("within_budget", True) else "  [beyond the forgetting budget]"))
@@ -244,6 +253,8 @@ class Trainer:
                       stopped_early=stop_reason is not None, stop_reason=stop_reason or "reached train.max_steps",
                       train_tokens=state["train_tokens"], best_val_loss=state["best_val_loss"],
                       baseline=state["baseline"])  # fmt: skip
+        if acc.is_main_process:  # diagnostics need no other process; generation runs on one
+            report.update(self._diagnostics(peft_model, best_step))
         report["verdict"] = verdict(report, self.config.eval)
         if acc.is_main_process:
             (self.run_dir / "report.json").write_text(json.dumps(report, indent=2))
@@ -252,10 +263,49 @@ class Trainer:
         acc.wait_for_everyone()
         return report
 
+    def _diagnostics(self, peft_model, best_step: int | None) -> dict:
+        """QA base vs tuned, generalisation gap, memorisation and leakage, for the report."""
+        ev, out = self.config.eval, {}
+        if ev.qa_questions:
+            path = assets.resolve(ev.qa_source, log=self.log)
+            path = path / "mmlu.jsonl" if path.is_dir() else path
+            groups = {"medical": qa.load_questions(path, True, ev.qa_questions, self.config.seed),
+                      "general": qa.load_questions(path, False, ev.qa_questions, self.config.seed)}  # fmt: skip
+            out["qa"] = qa.compare(peft_model, self.tokenizer, groups, ev.batch_size, self.accelerator)
+        if not ev.diagnostics:
+            return out
+        evals = [r for r in _read_metrics(self.run_dir / "metrics.jsonl") if "gap" in r]
+        seq_len = self.config.data.seq_len
+        best = next((r for r in evals if r["step"] == best_step), None)
+        diagnostics = {
+            "generalization_gap": {
+                "best": {k: best[k] for k in ("step", "train_loss", "val_loss", "gap")} if best else None,
+                "end": {k: evals[-1][k] for k in ("step", "train_loss", "val_loss", "gap")} if evals else None,
+            },
+            "memorization": memorization(
+                peft_model,
+                self.tokenizer,
+                self.train_docs,
+                self.val_docs,
+                prefix=min(32, seq_len // 2),
+                length=min(16, seq_len // 4),
+                seed=self.config.seed,
+            ),  # fmt: skip
+            "leakage": {
+                "validation": find_leaks(self.train_docs, self.val_docs),
+                "test": find_leaks(self.train_docs, data.load_split(self.config.data, "test")),
+            },  # fmt: skip
+        }
+        return {"diagnostics": diagnostics}
+
     def evaluate(self, model=None) -> dict:
         """Base vs tuned perplexity on the domain test split and the general text (fixed token budgets)."""
         sets = test_sets(self.config, self.tokenizer)
-        return compare_base_and_tuned(model or self.model, sets, self.config.eval.batch_size, self.accelerator)
+        report = compare_base_and_tuned(model or self.model, sets, self.config.eval.batch_size, self.accelerator)
+        if self.answers is not None:
+            report["general_kl"] = forgetting.kl_from_base(self.accelerator.unwrap_model(model or self.model),
+                                                           self.answers, self.accelerator)  # fmt: skip
+        return report
 
 
 def _prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
@@ -272,6 +322,10 @@ def _prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
             path = run_dir / name
             shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
     run_dir.mkdir(parents=True, exist_ok=True)
+
+
+def _read_metrics(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line] if path.exists() else []
 
 
 def _truncate_metrics(path: Path, step: int) -> None:

@@ -171,3 +171,35 @@ def test_verdict_says_helped_when_domain_perplexity_drops(tiny_config):
     report = Trainer(tiny_config, log=lambda _: None).fit()
     assert report["change"]["domain_ppl"] < -0.3
     assert report["verdict"]["helped"] is True and report["verdict"]["recommend"] == "tuned"
+
+
+def test_verdict_rejects_a_model_that_forgot_beyond_the_default_budget(tiny_config):
+    config = dataclasses.replace(tiny_config, eval=dataclasses.replace(tiny_config.eval, max_general_ppl_increase=0.10))
+    report = Trainer(config, log=lambda _: None).fit()
+    assert report["change"]["domain_ppl"] < -0.3 and report["change"]["general_ppl"] > 0.10
+    assert report["verdict"]["helped"] is False
+    assert any("beyond the forgetting budget of +10%" in reason for reason in report["verdict"]["reasons"])
+
+
+def test_kl_from_base_is_zero_before_training_and_grows_with_it(tiny_config):
+    trainer = Trainer(tiny_config, log=lambda _: None)
+    trainer.fit()
+    evals = [json.loads(line) for line in (trainer.run_dir / "metrics.jsonl").read_text().splitlines()]
+    kls = [r["general_kl"] for r in evals if "general_kl" in r]
+    assert kls[0] == pytest.approx(0.0, abs=1e-6) and kls[-1] > 0.01
+
+
+def test_planted_duplicates_are_reported_as_leakage(tiny_config, corpus_dir, tmp_path):
+    leaky = tmp_path / "leaky"
+    leaky.mkdir()
+    validation = (corpus_dir / "validation.jsonl").read_text().splitlines(True)
+    for split in ("validation", "test"):
+        (leaky / f"{split}.jsonl").write_text((corpus_dir / f"{split}.jsonl").read_text())
+    (leaky / "train.jsonl").write_text((corpus_dir / "train.jsonl").read_text() + "".join(validation[:3]))
+    config = dataclasses.replace(
+        with_train(tiny_config, max_steps=4), data=dataclasses.replace(tiny_config.data, source=str(leaky))
+    )
+    report = Trainer(config, log=lambda _: None).fit()
+    leak = report["diagnostics"]["leakage"]["validation"]
+    assert leak["exact"] >= 3
+    assert report["verdict"]["helped"] is False and any("leakage" in r for r in report["verdict"]["reasons"])

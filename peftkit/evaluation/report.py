@@ -92,7 +92,26 @@ def verdict(report: dict, ev) -> dict:
         reasons.append(
             f"stopped early ({report['stop_reason']}); the best checkpoint, step {report['best_step']}, is kept"
         )
-    reasons.append("raw-text perplexity cannot see an instruct model losing its chat behaviour; check generations too")
+    for name, group in report.get("qa", {}).items():
+        lo, hi = group["change_ci95"]
+        reasons.append(
+            f"{name} QA accuracy {group['base_accuracy']:.1%} -> {group['tuned_accuracy']:.1%} "
+            f"(change {group['change']:+.1%}, 95% CI [{lo:+.1%}, {hi:+.1%}], {group['questions']} questions)"
+            + (": significantly worse" if hi < 0 else "")
+        )
+        if name == "general" and hi < 0:
+            helped = False
+    helped = _overfitting_signals(report.get("diagnostics", {}), reasons) and helped
+    if "general_kl" in report:
+        kl_budget = ev.max_general_kl
+        over = kl_budget is not None and report["general_kl"] > kl_budget
+        reasons.append(f"answers to general prompts diverge from the base model's by KL {report['general_kl']:.4f} "
+                       "nats/token" + (f": beyond the budget of {kl_budget}" if over else ""))  # fmt: skip
+        helped = helped and not over
+    else:
+        reasons.append(
+            "raw-text perplexity cannot see an instruct model losing its chat behaviour; check generations too"
+        )
     return {
         "helped": helped,
         "recommend": "tuned" if helped else "base",
@@ -100,6 +119,27 @@ def verdict(report: dict, ev) -> dict:
         else "fine-tuning did not pay off on held-out data: keep the base model",
         "reasons": reasons,
     }  # fmt: skip
+
+
+def _overfitting_signals(diagnostics: dict, reasons: list[str]) -> bool:
+    """Append what the diagnostics show; False if held-out results cannot be trusted (leakage)."""
+    trusted = True
+    gap = diagnostics.get("generalization_gap", {})
+    best, end = gap.get("best"), gap.get("end")
+    if best and end and end["step"] != best["step"] and end["val_loss"] > best["val_loss"]:
+        reasons.append(f"overfitting: validation loss rose from {best['val_loss']:.4f} (step {best['step']}) to "
+                       f"{end['val_loss']:.4f} (step {end['step']}); the step-{best['step']} adapter is kept")  # fmt: skip
+    memo = diagnostics.get("memorization", {})
+    if memo.get("token_match_gap") is not None:
+        reasons.append(f"memorisation: greedy continuations match training text {memo['train']['token_match']:.1%} "
+                       f"vs unseen text {memo['validation']['token_match']:.1%} of tokens"
+                       + (" (a memorisation gap)" if memo["token_match_gap"] > 0.05 else ""))  # fmt: skip
+    for split, leak in diagnostics.get("leakage", {}).items():
+        if leak["exact"] or leak["near"]:
+            trusted = False
+            reasons.append(f"leakage: {leak['exact']} exact and {leak['near']} near duplicates of {split} documents "
+                           "are in the training data; held-out scores are optimistic — deduplicate the corpus")  # fmt: skip
+    return trusted
 
 
 def format_report(report: dict) -> str:
