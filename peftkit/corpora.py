@@ -12,6 +12,8 @@ import xml.etree.ElementTree as ET
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+from peftkit.dedup import matches
+
 MIN_ABSTRACT_WORDS = 30  # shorter abstracts are mostly placeholders ("No abstract available") or fragments
 MIN_ARTICLE_WORDS = 50
 
@@ -82,8 +84,15 @@ def write_pubmed(sources: list[Path], out: Path) -> None:
                 continue
             rec["text"] = f"{rec['title']}\n\n{rec['abstract']}" if rec["title"] else rec["abstract"]
             records[split_of("pmid:" + rec["pmid"])].append(rec)
-    stats = {split: write_jsonl(out / f"{split}.jsonl", recs) for split, recs in records.items()}
-    stats["dropped_short_or_empty"] = dropped
+    # MEDLINE holds the same abstract under several PMIDs now and then: a held-out copy of a
+    # training document would make held-out scores optimistic, so held-out copies are dropped.
+    train_texts = [r["text"] for r in records["train"]]
+    stats = {"dropped_short_or_empty": dropped}
+    for split in ("validation", "test"):
+        leaked = matches(train_texts, [r["text"] for r in records[split]])
+        records[split] = [r for i, r in enumerate(records[split]) if i not in leaked]
+        stats[f"dropped_{split}_duplicating_train"] = len(leaked)
+    stats.update({split: write_jsonl(out / f"{split}.jsonl", recs) for split, recs in records.items()})
     (out / "stats.json").write_text(json.dumps(stats, indent=2))
 
 

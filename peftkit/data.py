@@ -37,7 +37,7 @@ def read_documents(path: Path, text_field: str = "text") -> list[str]:
         docs = [block.strip() for block in content.split("\n\n") if block.strip()]
     elif path.suffix == ".jsonl":
         docs = []
-        for number, line in enumerate(content.splitlines(), 1):
+        for number, line in enumerate(content.split("\n"), 1):  # not splitlines(): text may hold U+2028
             if not line.strip():
                 continue
             try:

@@ -22,9 +22,9 @@ import torch
 
 from peftkit import assets, checkpoint, data, methods, models
 from peftkit.config import Config
+from peftkit.dedup import find_leaks
 from peftkit.errors import PeftkitError
 from peftkit.evaluation import compare_base_and_tuned, forgetting, format_report, nll, qa, test_sets, verdict
-from peftkit.evaluation.leakage import find_leaks
 from peftkit.evaluation.memorization import memorization
 
 RUN_FILES = ("config.yaml", "metrics.jsonl", "report.json", "adapter", "checkpoints")
@@ -325,11 +325,11 @@ def _prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
 
 
 def _read_metrics(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line] if path.exists() else []
+    return [json.loads(line) for line in path.read_text().split("\n") if line] if path.exists() else []
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
     """Drop records written after the checkpoint we resume from, so the log reads as one run."""
     if path.exists():
-        kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+        kept = [line for line in path.read_text().split("\n") if line and json.loads(line)["step"] <= step]
         path.write_text("".join(line + "\n" for line in kept))

@@ -5,9 +5,11 @@ Run:
     accelerate launch recipes/medical_lora.py
     peftkit train recipes/medical_lora.py --train.lr=3e-4
 
-On the bundled defaults (2 CPU cores, bf16): 48 steps of 8 x 512 tokens (~200k tokens, about
-11 minutes); the report compares base and tuned perplexity on 16k held-out PubMed tokens and on
-16k tokens of general-English Wikipedia text.
+On the bundled defaults (2 CPU cores, bf16): 40 steps of 8 x 512 tokens (164k tokens, about 8
+minutes of training, 13 in all). The report compares base and tuned model on 16k held-out PubMed
+tokens and 16k tokens of general-English Wikipedia (perplexity), on general prompts (KL from the
+base model's answers) and on 60 medical and 60 other MMLU questions, checks memorisation and
+train/test leakage, and ends with a verdict: was the fine-tune worth it?
 """
 
 from peftkit import Config, DataConfig, EvalConfig, MethodConfig, ModelConfig, TrainConfig
@@ -18,8 +20,8 @@ def config() -> Config:
         model=ModelConfig(name_or_path="asset:smollm2-135m-instruct"),
         data=DataConfig(source="asset:pubmed-abstracts", general_source="asset:wiki-general", seq_len=512),
         method=MethodConfig(name="lora", r=16, alpha=32, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]),
-        train=TrainConfig(max_steps=48, batch_size=8, grad_accum=1, lr=5e-4, warmup_steps=5),
-        eval=EvalConfig(every_steps=16, val_tokens=8192, test_tokens=16384, patience=2),
+        train=TrainConfig(max_steps=40, batch_size=8, grad_accum=1, lr=5e-4, warmup_steps=4),
+        eval=EvalConfig(every_steps=20, val_tokens=4096, test_tokens=16384, patience=2, qa_questions=60),
         output_dir="runs/medical_lora",
     )
 

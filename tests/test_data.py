@@ -74,3 +74,9 @@ def test_single_file_source_is_split_by_content(tmp_path):
     parts = {s: load_split(config, s) for s in ("train", "validation", "test")}
     assert sum(map(len, parts.values())) == 400
     assert not set(parts["train"]) & set(parts["test"])
+
+
+def test_jsonl_text_may_hold_unicode_line_separators(tmp_path):
+    f = tmp_path / "c.jsonl"
+    f.write_text(json.dumps({"text": "first\u2028still first"}, ensure_ascii=False) + "\n", encoding="utf-8")
+    assert read_documents(f) == ["first\u2028still first"]

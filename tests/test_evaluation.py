@@ -1,10 +1,9 @@
 import random
-from types import SimpleNamespace
 
 import pytest
 import torch
 
-from peftkit.evaluation.leakage import find_leaks
+from peftkit.dedup import find_leaks
 from peftkit.evaluation.qa import choose, wilson
 from tests.conftest import build_tokenizer
 
@@ -22,36 +21,32 @@ def test_find_leaks_counts_exact_and_near_duplicates_only():
     assert {e["held_out"] for e in result["examples"]} == {0, 1}
 
 
-class FavouriteWordModel(torch.nn.Module):
-    """A stand-in LM that always gives one token a high probability, whatever the context."""
-
-    def __init__(self, vocab: int, favourite: int):
-        super().__init__()
-        self.weight = torch.nn.Parameter(torch.zeros(1))
-        self.logits = torch.zeros(vocab)
-        self.logits[favourite] = 5.0
-
-    def forward(self, input_ids):
-        return SimpleNamespace(logits=self.logits.expand(*input_ids.shape, -1).clone())
-
-
-def test_qa_scorer_picks_the_option_the_model_finds_likeliest():
-    tokenizer = build_tokenizer()
-    aspirin = tokenizer.convert_tokens_to_ids("aspirin")
-    model = FavouriteWordModel(len(tokenizer), aspirin)
-    questions = [
-        {"question": "the patient received", "choices": ["insulin", "aspirin", "heparin", "statins"], "answer": 1},
-        {
-            "question": "a woman was given",
-            "choices": ["aspirin aspirin", "insulin .", "the river", "music"],
-            "answer": 0,
-        },
-        {"question": "the child", "choices": ["heparin", "the city", "a king", "aspirin and recovered"], "answer": 3},
-    ]
-    assert choose(model, tokenizer, questions, batch_size=2) == [1, 0, 3]
-
-
 def test_wilson_interval():
     lo, hi = wilson(50, 100)
     assert lo == pytest.approx(0.4038, abs=1e-3) and hi == pytest.approx(0.5962, abs=1e-3)
     assert wilson(0, 10)[0] == pytest.approx(0.0, abs=1e-9)
+
+
+def test_qa_scorer_matches_unpadded_scoring_on_a_real_model(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    from peftkit.evaluation.qa import prompt
+
+    tokenizer = build_tokenizer()
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    rng = random.Random(0)
+    words = ["aspirin", "the river", "a king ruled", "insulin and recovered .", "music", "the city has a large park"]
+    questions = [{"question": " ".join(rng.choices(["the patient", "received", "a woman"], k=rng.randint(1, 6))),
+                  "choices": rng.sample(words, 4), "answer": 0} for _ in range(6)]  # fmt: skip
+    expected = []
+    with torch.no_grad():
+        for q in questions:
+            context = tokenizer(prompt(q), add_special_tokens=False)["input_ids"]
+            scores = []
+            for option in q["choices"]:
+                ids = tokenizer(" " + option, add_special_tokens=False)["input_ids"]
+                logprobs = torch.log_softmax(model(input_ids=torch.tensor([context + ids])).logits[0], dim=-1)
+                scores.append(sum(logprobs[len(context) - 1 + t, ids[t]].item() for t in range(len(ids))) / len(ids))
+            expected.append(max(range(4), key=scores.__getitem__))
+    assert len(set(expected)) > 1  # a scorer stuck on one option would not pass by luck
+    assert choose(model, tokenizer, questions, batch_size=3) == expected

@@ -28,7 +28,7 @@ MEDICAL_SUBJECTS = (
 
 def load_questions(path: Path, medical: bool, limit: int, seed: int) -> list[dict]:
     """A seeded sample of `limit` MMLU questions from the medical subjects, or from all the others."""
-    rows = [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    rows = [json.loads(line) for line in Path(path).read_text(encoding="utf-8").split("\n") if line.strip()]
     rows = [r for r in rows if (r["subject"] in MEDICAL_SUBJECTS) == medical]
     random.Random(seed).shuffle(rows)
     return rows[:limit]
@@ -51,19 +51,22 @@ def choose(model, tokenizer, questions: list[dict], batch_size: int = 8, acceler
     order = sorted(range(len(pairs)), key=lambda k: len(pairs[k][2]) + len(pairs[k][3]))  # less padding
     was_training = model.training
     model.eval()
+    # Run the decoder once per batch and the 49k-wide output layer only where an option token is predicted.
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    decoder, head = inner.get_decoder(), inner.get_output_embeddings()
     with accelerator.autocast() if accelerator else nullcontext():
         for start in range(0, len(order), batch_size):
             chunk = [pairs[k] for k in order[start : start + batch_size]]
             length = max(len(c) + len(o) for _, _, c, o in chunk)
             ids = torch.full((len(chunk), length), tokenizer.pad_token_id)
-            for row, (_, _, c, o) in enumerate(chunk):
+            for row, (_, _, c, o) in enumerate(chunk):  # right padding: causal attention never sees it
                 ids[row, : len(c) + len(o)] = torch.tensor(c + o)
-            logprobs = F.log_softmax(model(input_ids=ids.to(device)).logits.float(), dim=-1)
+            hidden = decoder(input_ids=ids.to(device)).last_hidden_state
             for row, (qi, oi, c, o) in enumerate(chunk):
-                # the token at position p is predicted by the logits at p - 1
-                positions = torch.arange(len(c) - 1, len(c) + len(o) - 1, device=device)
-                targets = torch.tensor(o, device=device)
-                scores[qi, oi] = logprobs[row, positions, targets].mean().item()
+                # option token t is predicted by the hidden state one position before it
+                at = torch.arange(len(c) - 1, len(c) + len(o) - 1, device=device)
+                logprobs = F.log_softmax(head(hidden[row, at]).float(), dim=-1)
+                scores[qi, oi] = logprobs[torch.arange(len(o)), torch.tensor(o, device=device)].mean().item()
     model.train(was_training)
     return scores.argmax(dim=1).tolist()
 

@@ -1,4 +1,4 @@
-"""Train/held-out leakage: exact and near-duplicate documents shared between splits.
+"""Near-duplicate detection between document sets (train vs held-out leakage, corpus hygiene).
 
 A held-out score means little if the held-out documents were also trained on. Documents are
 compared as sets of word 5-gram shingles; a pair whose Jaccard similarity reaches the threshold
@@ -28,38 +28,41 @@ def _fingerprint(text: str) -> str:
     return hashlib.sha1(" ".join(_WORD.findall(text.lower())).encode()).hexdigest()
 
 
-def find_leaks(train: list[str], held_out: list[str], threshold: float = NEAR_DUPLICATE_JACCARD, examples: int = 3):
-    """Held-out documents that also occur in training, exactly or nearly.
-
-    Returns {"exact": n, "near": n, "held_out_docs": n, "examples": [{"held_out": i, "train": j, "jaccard": s}]};
-    `exact` counts documents identical up to case and punctuation, `near` the others with
-    Jaccard >= threshold.
-    """
+def matches(train: list[str], held_out: list[str], threshold: float = NEAR_DUPLICATE_JACCARD) -> dict[int, tuple]:
+    """{held-out index: (train index, Jaccard)} for each held-out document that training also holds,
+    identical up to case and punctuation (Jaccard 1.0) or with 5-gram Jaccard >= threshold."""
     held_prints = {_fingerprint(t): i for i, t in enumerate(held_out)}
     held_sets = [shingles(t) for t in held_out]
     index: dict[int, list[int]] = defaultdict(list)
     for i, s in enumerate(held_sets):
         for h in s:
             index[h].append(i)
-
-    exact, near, found = set(), {}, []
+    found: dict[int, tuple[int, float]] = {}
     for j, text in enumerate(train):
         i = held_prints.get(_fingerprint(text))
         if i is not None:
-            exact.add(i)
-            found.append({"held_out": i, "train": j, "jaccard": 1.0})
+            found[i] = (j, 1.0)
             continue
         train_set = shingles(text)
         shared = Counter(i for h in train_set for i in index.get(h, ()))
         for i, common in shared.items():
-            if i in exact or common < threshold * len(held_sets[i]):
+            if common < threshold * len(held_sets[i]):
                 continue  # Jaccard >= t needs at least t * |held-out shingles| in common
             jaccard = common / (len(train_set) + len(held_sets[i]) - common)
-            if jaccard >= threshold and jaccard > near.get(i, 0):
-                near[i] = jaccard
-                found.append({"held_out": i, "train": j, "jaccard": round(jaccard, 3)})
-    near_only = {i for i in near if i not in exact}
-    kept = sorted(found, key=lambda e: -e["jaccard"])[:examples]
-    for example in kept:
-        example["text"] = held_out[example["held_out"]][:100]
-    return {"exact": len(exact), "near": len(near_only), "held_out_docs": len(held_out), "examples": kept}
+            if jaccard >= threshold and jaccard > found.get(i, (0, 0.0))[1]:
+                found[i] = (j, round(jaccard, 3))
+    return found
+
+
+def find_leaks(train: list[str], held_out: list[str], threshold: float = NEAR_DUPLICATE_JACCARD, examples: int = 3):
+    """Summary of `matches`: {"exact": n, "near": n, "held_out_docs": n, "share": fraction, "examples": [...]}."""
+    found = matches(train, held_out, threshold)
+    exact = sum(1 for _, jaccard in found.values() if jaccard == 1.0)
+    kept = sorted(found.items(), key=lambda item: -item[1][1])[:examples]
+    return {
+        "exact": exact,
+        "near": len(found) - exact,
+        "held_out_docs": len(held_out),
+        "share": len(found) / max(len(held_out), 1),
+        "examples": [{"held_out": i, "train": j, "jaccard": jac, "text": held_out[i][:100]} for i, (j, jac) in kept],
+    }
