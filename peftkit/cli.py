@@ -77,6 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="folder for the merged model")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="dtype of the saved weights")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
+    p = commands.add_parser("report", help="write RUN_DIR/report.md and report.html (loss curves, verdict)")
+    p.add_argument("run_dir")
     p = commands.add_parser("fetch", help="download and prepare a catalog asset")
     p.add_argument("name", help="asset name, or 'all'")
     return parser
@@ -98,6 +100,13 @@ def _dispatch(args, rest: list[str]) -> None:
 
         report = evaluate_run(Path(args.run_dir))
         print(format_report(report))
+    elif args.command == "report":
+        from peftkit.evaluation import format_report
+        from peftkit.evaluation.render import write_report_files
+
+        md, page = write_report_files(Path(args.run_dir))
+        print(format_report(json.loads((Path(args.run_dir) / "report.json").read_text())))
+        print(f"wrote {md} and {page}")
     elif args.command == "merge":
         from peftkit.merge import merge_run
 

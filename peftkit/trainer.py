@@ -26,6 +26,7 @@ from peftkit.dedup import find_leaks
 from peftkit.errors import PeftkitError
 from peftkit.evaluation import compare_base_and_tuned, forgetting, format_report, nll, qa, test_sets, verdict
 from peftkit.evaluation.memorization import memorization
+from peftkit.evaluation.render import write_report_files
 
 RUN_FILES = ("config.yaml", "metrics.jsonl", "report.json", "adapter", "checkpoints")
 
@@ -258,8 +259,9 @@ class Trainer:
         report["verdict"] = verdict(report, self.config.eval)
         if acc.is_main_process:
             (self.run_dir / "report.json").write_text(json.dumps(report, indent=2))
+            write_report_files(self.run_dir)
             self.log(format_report(report))
-            self.log(f"adapter: {self.run_dir / 'adapter'}   report: {self.run_dir / 'report.json'}")
+            self.log(f"adapter: {self.run_dir / 'adapter'}   report: {self.run_dir / 'report.html'}")
         acc.wait_for_everyone()
         return report
 

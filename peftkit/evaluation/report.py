@@ -45,6 +45,9 @@ def evaluate_run(run_dir: Path) -> dict:
     previous.update(report)
     previous["verdict"] = verdict(previous, config.eval)
     path.write_text(json.dumps(previous, indent=2))
+    from peftkit.evaluation.render import write_report_files
+
+    write_report_files(run_dir)
     return previous
 
 
