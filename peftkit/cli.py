@@ -70,6 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("train", help="train a recipe or YAML config", epilog=config_help(),
                             formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     p.add_argument("target", help="recipes/NAME.py or a .yaml config")
+    p = commands.add_parser("cv", help="k-fold cross-validation of a recipe or YAML config")
+    p.add_argument("target", help="recipes/NAME.py or a .yaml config")
+    p.add_argument("--folds", type=int, default=5, help="number of folds (default 5)")
     p = commands.add_parser("eval", help="recompute RUN_DIR/report.json (base vs tuned perplexity)")
     p.add_argument("run_dir")
     p = commands.add_parser("merge", help="merge a run's adapter into its base model for deployment")
@@ -87,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
-    if rest and args.command != "train":
+    if rest and args.command not in ("train", "cv"):
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     guarded(lambda: _dispatch(args, rest))
 
@@ -95,6 +98,12 @@ def main(argv: list[str] | None = None) -> None:
 def _dispatch(args, rest: list[str]) -> None:
     if args.command == "train":
         train(load_target(args.target).override(rest))
+    elif args.command == "cv":
+        from peftkit.evaluation.cv import cross_validate, format_cv
+
+        if args.folds < 2:
+            raise PeftkitError(f"--folds {args.folds}: cross-validation needs at least 2 folds")
+        print(format_cv(cross_validate(load_target(args.target).override(rest), args.folds)))
     elif args.command == "eval":
         from peftkit.evaluation import evaluate_run, format_report
 

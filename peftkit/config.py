@@ -59,6 +59,11 @@ class DataConfig:
     max_train_docs: int | None = _f(None, "use at most this many training documents (after shuffling)")
     validation_share: float = _f(0.05, "share of documents hashed into validation when the source is one file")
     test_share: float = _f(0.05, "share of documents hashed into test when the source is one file")
+    folds: int = _f(
+        0,
+        "k-fold cross-validation: pool train and validation, split them into this many folds by content hash; 0 = off",
+    )
+    fold: int = _f(0, "the fold held out for validation when data.folds > 0")
 
     def __post_init__(self):
         _require(self.seq_len >= 8, "data.seq_len", f"must be at least 8, got {self.seq_len}")
@@ -66,6 +71,10 @@ class DataConfig:
             self.max_train_docs is None or self.max_train_docs > 0,
             "data.max_train_docs",
             "must be a positive number or null",
+        )
+        _require(self.folds == 0 or self.folds >= 2, "data.folds", f"must be 0 (off) or at least 2, got {self.folds}")
+        _require(
+            0 <= self.fold < max(self.folds, 1), "data.fold", f"must be in [0, {max(self.folds, 1)}), got {self.fold}"
         )
         for key in ("validation_share", "test_share"):
             value = getattr(self, key)
@@ -191,7 +200,7 @@ class Config:
         return _build(cls, data, prefix="", origin=origin)
 
     def override(self, assignments: list[str], origin: str = "command line") -> Config:
-        """Return a copy with `section.key=value` assignments applied (values parsed as YAML)."""
+        """Return a copy with `section.key=value` assignments applied, each value converted to its field's type."""
         data = self.to_dict()
         for item in assignments:
             text = item[2:] if item.startswith("--") else item
@@ -209,7 +218,7 @@ class Config:
                 node = node[section]
             if key not in node:
                 _unknown(dotted, _keys(Config, sections), origin)
-            node[key] = _parse_scalar(raw)
+            node[key] = raw  # a string: _coerce converts it to the field's type
         return Config.from_dict(data, origin=origin)
 
     def save_yaml(self, path: str | Path) -> None:
@@ -237,15 +246,6 @@ class Config:
         if not isinstance(data, dict):
             raise PeftkitError(f"{path}: expected a mapping of config sections, got {type(data).__name__}")
         return cls.from_dict(data, origin=str(path))
-
-
-def _parse_scalar(raw: str) -> Any:
-    import yaml
-
-    try:
-        return yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
-        return raw
 
 
 def _keys(cls: type, path: list[str]) -> list[str]:
@@ -298,6 +298,11 @@ def _coerce(value: Any, kind: Any, key: str, choices: tuple | None, origin: str)
             return value.lower() in ("true", "yes", "1")
         bad("true or false")
     if kind is int:
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                bad("an integer")
         if isinstance(value, bool) or not isinstance(value, int):
             if isinstance(value, float) and value.is_integer():
                 return int(value)
@@ -314,7 +319,7 @@ def _coerce(value: Any, kind: Any, key: str, choices: tuple | None, origin: str)
         return float(value)
     if typing.get_origin(kind) is list:
         if isinstance(value, str):
-            value = [v.strip() for v in value.split(",") if v.strip()]
+            value = [v.strip().strip("'\"") for v in value.strip("[]").split(",") if v.strip()]
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
             bad("a list of names")
         return value

@@ -9,6 +9,7 @@ only the step, and every process reads a disjoint shard.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -59,7 +60,28 @@ def read_documents(path: Path, text_field: str = "text") -> list[str]:
 
 
 def load_split(config: DataConfig, split: str, log=lambda _: None) -> list[str]:
-    """Documents of one split ('train', 'validation' or 'test') of the domain corpus."""
+    """Documents of one split ('train', 'validation' or 'test') of the domain corpus.
+
+    With `data.folds = K`, train and validation are pooled and cut into K folds by content hash;
+    fold `data.fold` is the validation split and the others are the training split. Test stays put.
+    """
+    if config.folds and split in ("train", "validation"):
+        pool = _source_split(config, "train", log) + _source_split(config, "validation", log)
+        held = [fold_of(doc, config.folds) == config.fold for doc in pool]
+        docs = [doc for doc, h in zip(pool, held, strict=True) if h == (split == "validation")]
+        if not docs:
+            raise PeftkitError(
+                f"data.fold {config.fold} of {config.folds} leaves an empty {split} split; use fewer folds"
+            )
+        return docs
+    return _source_split(config, split, log)
+
+
+def fold_of(text: str, folds: int) -> int:
+    return int.from_bytes(hashlib.sha256(("fold:" + text).encode("utf-8")).digest()[:8], "big") % folds
+
+
+def _source_split(config: DataConfig, split: str, log=lambda _: None) -> list[str]:
     path = assets.resolve(config.source, log=log)
     if path.is_dir():
         file = path / f"{split}.jsonl"

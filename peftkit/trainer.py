@@ -298,7 +298,8 @@ class Trainer:
                 "test": find_leaks(self.train_docs, data.load_split(self.config.data, "test")),
             },  # fmt: skip
         }
-        return {"diagnostics": diagnostics}
+        out["diagnostics"] = diagnostics
+        return out
 
     def evaluate(self, model=None) -> dict:
         """Base vs tuned perplexity on the domain test split and the general text (fixed token budgets)."""

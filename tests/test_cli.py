@@ -64,3 +64,16 @@ def test_train_eval_merge_from_the_cli(tiny_config, tmp_path):
     result = run("-m", "peftkit.cli", "merge", str(out), "--out", str(tmp_path / "merged"))
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "merged" / "model.safetensors").exists()
+
+
+def test_cross_validation_trains_one_adapter_per_fold(tiny_config, tmp_path):
+    config = tmp_path / "tiny.yaml"
+    tiny_config.save_yaml(config)
+    out = tmp_path / "cv"
+    result = run("-m", "peftkit.cli", "cv", str(config), "--folds", "2", "--train.max_steps=4",
+                 "--eval.diagnostics=false", f"--output_dir={out}")  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    summary = json.loads((out / "cv.json").read_text())
+    assert summary["folds"] == 2 and len(summary["per_fold"]) == 2
+    assert (out / "fold-0" / "adapter").is_dir() and (out / "fold-1" / "adapter").is_dir()
+    assert summary["val_ppl_std"] is not None and "validation perplexity over 2 folds" in result.stdout

@@ -77,3 +77,16 @@ def test_sections_are_dataclasses_with_help_on_every_field():
         kind = type(getattr(Config(), section.name))
         if dataclasses.is_dataclass(kind):
             assert all(f.metadata.get("help") for f in dataclasses.fields(kind)), kind
+
+
+def test_string_values_stay_strings():
+    config = Config().override(["--output_dir=runs/1e3", "--data.text_field=true", "--model.name_or_path=007"])
+    assert config.output_dir == "runs/1e3" and config.data.text_field == "true" and config.model.name_or_path == "007"
+    assert Config().override(["--method.target_modules=[q_proj, v_proj]"]).method.target_modules == ["q_proj", "v_proj"]
+
+
+def test_fold_settings_are_checked():
+    with pytest.raises(PeftkitError, match="data.folds"):
+        Config().override(["--data.folds=1"])
+    with pytest.raises(PeftkitError, match="data.fold"):
+        Config().override(["--data.folds=3", "--data.fold=3"])

@@ -80,3 +80,21 @@ def test_jsonl_text_may_hold_unicode_line_separators(tmp_path):
     f = tmp_path / "c.jsonl"
     f.write_text(json.dumps({"text": "first\u2028still first"}, ensure_ascii=False) + "\n", encoding="utf-8")
     assert read_documents(f) == ["first\u2028still first"]
+
+
+def test_folds_partition_train_and_validation_and_leave_test_alone(corpus_dir):
+    import dataclasses
+
+    from peftkit.config import DataConfig
+    from peftkit.data import load_split
+
+    config = DataConfig(source=str(corpus_dir))
+    pool = load_split(config, "train") + load_split(config, "validation")
+    held_out = []
+    for fold in range(3):
+        folded = dataclasses.replace(config, folds=3, fold=fold)
+        train, val = load_split(folded, "train"), load_split(folded, "validation")
+        assert sorted(train + val) == sorted(pool) and val
+        assert load_split(folded, "test") == load_split(config, "test")
+        held_out += val
+    assert sorted(held_out) == sorted(pool)  # every document is validated on exactly once

@@ -203,3 +203,20 @@ def test_planted_duplicates_are_reported_as_leakage(tiny_config, corpus_dir, tmp
     leak = report["diagnostics"]["leakage"]["validation"]
     assert leak["exact"] >= 3
     assert report["verdict"]["helped"] is False and any("leakage" in r for r in report["verdict"]["reasons"])
+
+
+def test_report_carries_qa_for_both_groups(tiny_config, tmp_path):
+    rng = __import__("random").Random(0)
+    questions = tmp_path / "qa.jsonl"
+    rows = [{"subject": subject, "question": "the patient received", "answer": rng.randrange(4),
+             "choices": ["aspirin", "the river", "insulin and recovered .", "music"]}
+            for subject in ["anatomy"] * 6 + ["sociology"] * 6]  # fmt: skip
+    questions.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    config = dataclasses.replace(
+        with_train(tiny_config, max_steps=4),
+        eval=dataclasses.replace(tiny_config.eval, qa_source=str(questions), qa_questions=5),
+    )
+    report = Trainer(config, log=lambda _: None).fit()
+    assert set(report["qa"]) == {"medical", "general"}
+    assert report["qa"]["medical"]["questions"] == 5 and 0 <= report["qa"]["general"]["tuned_accuracy"] <= 1
+    assert any("medical QA accuracy" in reason for reason in report["verdict"]["reasons"])

@@ -156,6 +156,12 @@ def format_report(report: dict) -> str:
         name = key.removesuffix("_ppl")
         tuned, change = report["tuned"][key], report["change"][key]
         lines.append(f"{name + ' ppl':<14}{base:>10.2f}{tuned:>10.2f}{change:>+9.1%}   {report['eval_tokens'][name]}")
+    for name, group in report.get("qa", {}).items():
+        label = f"{name} QA acc"
+        lines.append(f"{label:<14}{group['base_accuracy']:>10.1%}{group['tuned_accuracy']:>10.1%}"
+                     f"{group['change']:>+9.1%}   {group['questions']} questions")  # fmt: skip
+    if "general_kl" in report:
+        lines.append(f"{'KL from base':<14}{0:>10}{report['general_kl']:>10.4f}{'':>9}   nats/token, general prompts")
     if "verdict" in report:
         lines.append(f"verdict: {report['verdict']['summary']}")
         lines.extend(f"  - {reason}" for reason in report["verdict"]["reasons"])
