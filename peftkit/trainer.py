@@ -75,6 +75,7 @@ class Trainer:
         stream, val_sets = self._prepare_data()
         world, batch, accum = acc.num_processes, train.batch_size, train.grad_accum
         tokens_per_step = batch * accum * world * cfg.data.seq_len
+        self._global_batch = batch * accum * world
         self.log(
             f"train: {stream.tokens:,} tokens in {stream.rows_per_epoch:,} rows of {cfg.data.seq_len}; "
             f"global batch {batch} x {accum} accumulation x {world} processes = {batch * accum * world} rows"
@@ -253,6 +254,7 @@ class Trainer:
         report.update(best_step=best_step, adapter_step=best_step or final_step, final_step=final_step,
                       stopped_early=stop_reason is not None, stop_reason=stop_reason or "reached train.max_steps",
                       train_tokens=state["train_tokens"], best_val_loss=state["best_val_loss"],
+                      processes=acc.num_processes, global_batch_rows=self._global_batch,
                       baseline=state["baseline"])  # fmt: skip
         if acc.is_main_process:  # diagnostics need no other process; generation runs on one
             report.update(self._diagnostics(peft_model, best_step))

@@ -1,0 +1,137 @@
+"""Several processes train the same model as one process would (accelerate launch on CPU, gloo).
+
+On a machine without GPUs, accelerate 1.15 starts a real 2-process group only for
+`--multi_gpu` / `distributed_type: MULTI_GPU` launches with the CPU chosen in code (the trainer
+does that); so every test asserts the world size it got.
+"""
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+DRIVER = ROOT / "tests" / "distributed_driver.py"
+ACCELERATE = [sys.executable, "-m", "accelerate.commands.launch"]
+TOLERANCE = 1e-5  # fp32 on CPU: gloo all-reduce vs local accumulation sum in different orders
+
+
+def launch(args: list[str], config: Path, out: Path, overrides: list[str], timeout: int = 300):
+    out.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [*ACCELERATE, *args, str(DRIVER), str(config), str(out), *overrides]
+    result = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=timeout)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def ranks(out: Path) -> list[dict]:
+    return [torch.load(p, weights_only=True) for p in sorted(out.glob("rank*.pt"))]
+
+
+def losses(run_dir: Path) -> list[float]:
+    return [r["loss"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().split("\n")[:-1]) if "loss" in r]
+
+
+def assert_close(a: dict, b: dict):
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.allclose(a[key], b[key], atol=TOLERANCE, rtol=0), (key, (a[key] - b[key]).abs().max())
+
+
+@pytest.fixture
+def dist_config(tiny_config, tmp_path) -> Path:
+    config = dataclasses.replace(
+        tiny_config,
+        train=dataclasses.replace(
+            tiny_config.train, max_steps=6, batch_size=2, lr=1e-3, lr_schedule="constant", warmup_steps=0
+        ),  # fmt: skip
+        eval=dataclasses.replace(tiny_config.eval, every_steps=3, kl_prompts=False, diagnostics=False),
+    )
+    path = tmp_path / "dist.yaml"
+    config.save_yaml(path)
+    return path
+
+
+@pytest.fixture
+def one_process(dist_config, tmp_path):
+    out = tmp_path / "one"
+    launch(["--num_processes", "1"], dist_config, out, ["--train.grad_accum=2", f"--output_dir={out / 'run'}"])
+    (state,) = ranks(out)
+    assert state["world"] == 1
+    return out, state["state"]
+
+
+def test_two_processes_equal_one_process_with_accumulation(dist_config, one_process, tmp_path):
+    one_dir, one_state = one_process
+    out = tmp_path / "two"
+    launch(["--multi_gpu", "--num_processes", "2"], dist_config, out, [f"--output_dir={out / 'run'}"])
+    both = ranks(out)
+    assert [r["world"] for r in both] == [2, 2], "accelerate did not form a 2-process group"
+    assert_close(both[0]["state"], both[1]["state"])  # DDP keeps the ranks identical
+    assert_close(both[0]["state"], one_state)  # and equal to one process reading the same rows
+    assert losses(out / "run") == pytest.approx(losses(one_dir / "run"), abs=1e-5)
+    report = json.loads((out / "run" / "report.json").read_text())
+    assert report["processes"] == 2 and report["global_batch_rows"] == 4
+
+
+def test_checkpoint_from_two_processes_resumes_on_one(dist_config, one_process, tmp_path):
+    _, one_state = one_process
+    out = tmp_path / "two_then_one"
+    run = out / "run"
+    launch(["--multi_gpu", "--num_processes", "2"], dist_config, out, ["--train.max_steps=3", f"--output_dir={run}"])
+    # the LR schedule is constant, so stopping at 3 of 3 and continuing to 6 is the same training
+    launch(["--num_processes", "1"], dist_config, out,
+           ["--train.grad_accum=2", "--train.resume=true", f"--output_dir={run}"])  # fmt: skip
+    (state,) = [r for r in ranks(out) if r["world"] == 1]
+    assert_close(state["state"], one_state)
+
+
+def test_two_machines_simulated_on_one(dist_config, one_process, tmp_path):
+    _, one_state = one_process
+    out = tmp_path / "machines"
+    common = ["--multi_gpu", "--num_machines", "2", "--num_processes", "2", "--main_process_ip", "127.0.0.1",
+              "--main_process_port", "29561"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out.mkdir()
+    procs = [
+        subprocess.Popen(
+            [
+                *ACCELERATE,
+                *common,
+                "--machine_rank",
+                str(rank),
+                str(DRIVER),
+                str(dist_config),
+                str(out),
+                f"--output_dir={out / 'run'}",
+            ],
+            cwd=ROOT,
+            env=env,
+            stderr=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+        for rank in (0, 1)
+    ]
+    for proc in procs:
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err[-3000:]
+    both = ranks(out)
+    assert [r["world"] for r in both] == [2, 2]
+    assert_close(both[0]["state"], one_state)
+
+
+def test_shipped_accelerate_configs_load():
+    from accelerate.commands.config.config_args import ClusterConfig
+
+    configs = sorted((ROOT / "recipes" / "accelerate").glob("*.yaml"))
+    assert {c.stem for c in configs} >= {"cpu_2proc", "multi_gpu", "fsdp", "deepspeed_zero2", "deepspeed_zero3"}
+    for path in configs:
+        config = ClusterConfig.from_yaml_file(path)  # rejects unknown keys
+        assert config.num_processes >= 1
+        assert f"recipes/accelerate/{path.name}" in path.read_text(), f"{path.name}: document its launch command"
