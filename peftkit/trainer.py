@@ -119,9 +119,10 @@ class Trainer:
 
         bar = tqdm(total=train.max_steps, initial=start, disable=not (acc.is_main_process and train.progress),
                    desc="train", unit="step", dynamic_ncols=True)  # fmt: skip
-        stop_reason, recent_losses, t0 = None, [], time.perf_counter()
+        stop_reason, recent_losses, train_seconds = None, [], 0.0
         model.train()
         for step in range(start, train.max_steps):
+            step_start = time.perf_counter()
             step_loss = torch.zeros((), device=acc.device)
             for micro in range(accum):
                 rows = stream.batch(step, micro, acc.process_index, world, batch, accum).to(acc.device)
@@ -140,10 +141,10 @@ class Trainer:
             if not math.isfinite(step_loss):
                 raise PeftkitError(f"step {step + 1}: the loss is {step_loss}; lower train.lr or check the data")
             recent_losses.append(step_loss)
-            elapsed = time.perf_counter() - t0
+            train_seconds += time.perf_counter() - step_start  # evaluation time is not training throughput
             done = step + 1
-            record = {"step": done, "loss": step_loss, "lr": scheduler.get_last_lr()[0],
-                      "tokens": state["train_tokens"], "tokens_per_s": tokens_per_step * (done - start) / elapsed}  # fmt: skip
+            record = {"step": done, "loss": step_loss, "lr": scheduler.get_last_lr()[0], "tokens": state["train_tokens"],
+                      "tokens_per_s": tokens_per_step * (done - start) / train_seconds}  # fmt: skip
             if grad_norm is not None:
                 record["grad_norm"] = float(grad_norm)
             bar.set_postfix(loss=f"{step_loss:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
