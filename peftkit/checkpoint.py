@@ -1,11 +1,15 @@
 """Checkpoints: adapter (PEFT safetensors) + optimizer + scheduler + RNG + trainer state, written atomically.
 
-A checkpoint is assembled in `step-N.tmp/` and renamed to `step-N/` only when complete, so a run
-killed while saving never leaves a half-written checkpoint that resume could pick.
+A checkpoint is assembled in `step-N.tmp/`, listed with the sha256 of every file in
+`manifest.json`, and renamed to `step-N/` only when complete, so a run killed while saving never
+leaves a half-written checkpoint that resume could pick; a checkpoint whose files no longer match
+its manifest is skipped for the previous one. A failed write (a full disk) leaves the previous
+checkpoints as they were.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import shutil
@@ -24,32 +28,68 @@ def checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
     found = []
     for path in folder.iterdir() if folder.is_dir() else []:
         match = _STEP_DIR.match(path.name)
-        if match and (path / "state.json").exists():
+        if match and (path / "manifest.json").exists():
             found.append((int(match.group(1)), path))
     return sorted(found)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def verify(path: Path) -> bool:
+    """True if every file listed in the checkpoint's manifest is present with its sha256."""
+    try:
+        manifest = json.loads((path / "manifest.json").read_text())
+        return all(_sha256(path / name) == sha for name, sha in manifest["files"].items())
+    except (OSError, ValueError, KeyError):
+        return False
+
+
+def latest_valid(run_dir: Path, log=lambda _: None) -> Path | None:
+    """The newest checkpoint that passes `verify`, skipping (and saying so) damaged ones."""
+    for step, path in reversed(checkpoints(run_dir)):
+        if verify(path):
+            return path
+        log(f"checkpoint step-{step} does not match its manifest (damaged?); trying an older one")
+    return None
 
 
 def save(run_dir: Path, step: int, peft_model, optimizer, scheduler, state: dict, accelerator) -> Path:
     """Write checkpoint `step` (every process calls this; only the main process writes shared files)."""
     final = run_dir / "checkpoints" / f"step-{step}"
     partial = final.with_name(final.name + ".tmp")
-    if accelerator.is_main_process:
+    try:
+        if accelerator.is_main_process:
+            shutil.rmtree(partial, ignore_errors=True)
+            partial.mkdir(parents=True)
+        accelerator.wait_for_everyone()
+        rng = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state()
+        torch.save(rng, partial / f"rng-{accelerator.process_index}.pt")
+        if accelerator.is_main_process:
+            peft_model.save_pretrained(partial / "adapter")
+            torch.save(optimizer.state_dict(), partial / "optimizer.pt")
+            torch.save(scheduler.state_dict(), partial / "scheduler.pt")
+            (partial / "state.json").write_text(json.dumps({**state, "step": step}, indent=2))
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            files = {str(p.relative_to(partial)): _sha256(p) for p in sorted(partial.rglob("*")) if p.is_file()}
+            (partial / "manifest.json").write_text(json.dumps({"step": step, "files": files}, indent=2))
+            shutil.rmtree(final, ignore_errors=True)
+            partial.rename(final)
+    except OSError as err:
         shutil.rmtree(partial, ignore_errors=True)
-        partial.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    rng = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        rng["cuda"] = torch.cuda.get_rng_state()
-    torch.save(rng, partial / f"rng-{accelerator.process_index}.pt")
-    if accelerator.is_main_process:
-        peft_model.save_pretrained(partial / "adapter")
-        torch.save(optimizer.state_dict(), partial / "optimizer.pt")
-        torch.save(scheduler.state_dict(), partial / "scheduler.pt")
-        (partial / "state.json").write_text(json.dumps({**state, "step": step}, indent=2))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        shutil.rmtree(final, ignore_errors=True)
-        partial.rename(final)
+        previous = [p.name for _, p in checkpoints(run_dir)]
+        raise PeftkitError(
+            f"could not write checkpoint {final} ({err.strerror or err}); is the disk full? "
+            f"Earlier checkpoints are intact ({', '.join(previous) or 'none yet'})"
+        ) from None
     accelerator.wait_for_everyone()
     return final
 

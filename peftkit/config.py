@@ -41,6 +41,9 @@ class ModelConfig:
         ("auto", "bf16", "fp16", "fp32"),
     )
     trust_remote_code: bool = _f(False, "allow model code shipped inside the model folder to run")
+    allow_pickle: bool = _f(
+        False, "allow pickled .bin weights (loaded with torch.load(weights_only=True)); safetensors only otherwise"
+    )
 
 
 @dataclass
@@ -115,6 +118,7 @@ class TrainConfig:
         "auto", "autocast precision; 'auto' = bf16 where supported", ("auto", "bf16", "fp16", "no")
     )
     keep_checkpoints: int = _f(2, "newest checkpoints kept besides the best one")
+    max_bad_steps: int = _f(3, "steps with a non-finite loss or gradient skipped before the run stops")
     log_every: int = _f(1, "steps between training-loss records in metrics.jsonl")
     resume: bool = _f(False, "continue from the newest complete checkpoint in output_dir")
     overwrite: bool = _f(False, "allow starting a new run in an output_dir that already holds one")
@@ -128,6 +132,7 @@ class TrainConfig:
         _require(self.warmup_steps >= 0, "train.warmup_steps", "must be >= 0")
         _require(self.max_grad_norm >= 0, "train.max_grad_norm", "must be >= 0")
         _require(self.keep_checkpoints >= 1, "train.keep_checkpoints", "must be at least 1")
+        _require(self.max_bad_steps >= 0, "train.max_bad_steps", "must be >= 0")
         _require(
             not (self.resume and self.overwrite),
             "train.resume",

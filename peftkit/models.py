@@ -49,10 +49,10 @@ def model_path(config: ModelConfig, log=lambda _: None) -> Path:
             f"model.name_or_path: {path} is not a transformers model folder (no config.json); "
             "give a folder saved with save_pretrained or 'asset:smollm2-135m-instruct'"
         )
-    if not any(path.glob("*.safetensors")):
+    if not any(path.glob("*.safetensors")) and not (config.allow_pickle and any(path.glob("*.bin"))):
         raise PeftkitError(
-            f"model.name_or_path: {path} has no .safetensors weights; peftkit does not load pickled "
-            "weights. Convert them with save_pretrained(..., safe_serialization=True)"
+            f"model.name_or_path: {path} has no .safetensors weights; pickled weights can run code, so peftkit "
+            "reads them only with --model.allow_pickle=true (or convert them with save_pretrained)"
         )
     return path
 
@@ -73,11 +73,10 @@ def load_model(config: ModelConfig, dtype: torch.dtype | None = None, log=lambda
     from transformers import AutoModelForCausalLM
 
     dtype = dtype or resolve_dtype(config.dtype)
+    path = model_path(config, log)
+    safetensors = any(path.glob("*.safetensors"))  # else allow_pickle was given: transformers uses weights_only
     return AutoModelForCausalLM.from_pretrained(
-        model_path(config, log),
-        dtype=dtype,
-        use_safetensors=True,
-        trust_remote_code=config.trust_remote_code,
+        path, dtype=dtype, use_safetensors=safetensors, trust_remote_code=config.trust_remote_code
     )
 
 

@@ -27,8 +27,10 @@ from peftkit.errors import PeftkitError
 from peftkit.evaluation import compare_base_and_tuned, forgetting, format_report, nll, qa, test_sets, verdict
 from peftkit.evaluation.memorization import memorization
 from peftkit.evaluation.render import write_report_files
+from peftkit.manifest import write_manifest
 
-RUN_FILES = ("config.yaml", "metrics.jsonl", "report.json", "adapter", "checkpoints")
+RUN_FILES = ("config.yaml", "metrics.jsonl", "report.json", "report.md", "report.html", "loss_curves.png",
+             "manifest.json", "adapter", "checkpoints")  # fmt: skip
 
 
 class Trainer:
@@ -59,27 +61,22 @@ class Trainer:
         cfg, train = self.config, self.config.train
         resume = train.resume if resume is None else resume
         self.accelerator = acc = models.make_accelerator(train.mixed_precision)
-        if acc.is_main_process:
-            _prepare_run_dir(self.run_dir, resume, train.overwrite)
-            cfg.save_yaml(self.run_dir / "config.yaml")
-        acc.wait_for_everyone()
+        _check_run_dir(self.run_dir, resume, train.overwrite)
 
+        # Everything that can fail on bad input is loaded before the run folder is touched.
         set_seed(cfg.seed)
         self.tokenizer = models.load_tokenizer(cfg.model, log=self.log)
-        base = models.load_model(cfg.model, log=self.log)
-        self.model = methods.apply(cfg.method, base)
+        self.model = methods.apply(cfg.method, models.load_model(cfg.model, log=self.log))
         trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
         total = sum(p.numel() for p in self.model.parameters())
         self.log(f"{cfg.method.name}: {trainable:,} trainable of {total:,} parameters ({trainable / total:.2%})")
-
         stream, val_sets = self._prepare_data()
         world, batch, accum = acc.num_processes, train.batch_size, train.grad_accum
-        tokens_per_step = batch * accum * world * cfg.data.seq_len
         self._global_batch = batch * accum * world
         self.log(
             f"train: {stream.tokens:,} tokens in {stream.rows_per_epoch:,} rows of {cfg.data.seq_len}; "
-            f"global batch {batch} x {accum} accumulation x {world} processes = {batch * accum * world} rows"
-            f" ({tokens_per_step:,} tokens) per step; {train.max_steps} steps = "
+            f"global batch {batch} x {accum} accumulation x {world} processes = {self._global_batch} rows"
+            f" ({self._global_batch * cfg.data.seq_len:,} tokens) per step; {train.max_steps} steps = "
             f"{stream.epoch_of(train.max_steps, world, batch, accum):.2f} epochs"
         )
 
@@ -96,74 +93,114 @@ class Trainer:
         peft_model = acc.unwrap_model(model)
         self.answers = forgetting.base_answers(peft_model, self.tokenizer) if cfg.eval.kl_prompts else None
 
-        state = {"best_step": None, "best_val_loss": None, "evals_since_best": 0, "train_tokens": 0, "baseline": None}
+        state = {"best_step": None, "best_val_loss": None, "evals_since_best": 0, "train_tokens": 0,
+                 "baseline": None, "recent_losses": [], "bad_steps": 0}  # fmt: skip
         start = 0
-        if resume:
-            found = checkpoint.checkpoints(self.run_dir)
-            if not found:
-                raise PeftkitError(
-                    f"{self.run_dir}: no complete checkpoint to resume from; start without --train.resume"
-                )
-            state = checkpoint.load(found[-1][1], peft_model, optimizer, scheduler, acc)
+        found = checkpoint.latest_valid(self.run_dir, log=self.log) if resume else None
+        if acc.is_main_process:
+            _reset_run_dir(self.run_dir, fresh=found is None)
+            cfg.save_yaml(self.run_dir / "config.yaml")
+            write_manifest(self.run_dir, cfg, world)
+        acc.wait_for_everyone()
+        if found:
+            state = {**state, **checkpoint.load(found, peft_model, optimizer, scheduler, acc)}
             start = state.pop("step")
             if acc.is_main_process:
                 _truncate_metrics(self.run_dir / "metrics.jsonl", start)
-            self.log(f"resumed from {found[-1][1]} at step {start}")
-
+            self.log(f"resumed from {found} at step {start}")
+        elif resume:
+            self.log(f"{self.run_dir}: no complete checkpoint yet; starting from step 0")
         if start == 0:
             # Step 0 is the base model (LoRA starts as the identity): the reference for the curves
             # and for the forgetting budget.
             state["baseline"] = self._evaluate(0, model, val_sets, [], state)
 
+        loop = (model, optimizer, scheduler, params, stream, val_sets)
+        self._done, self._updating = (start or None), False
+        try:
+            final_step, stop_reason = self._loop(loop, start, state)
+        except KeyboardInterrupt:
+            self._save_on_interrupt(peft_model, optimizer, scheduler, state)
+            raise
+        return self._finish(model, peft_model, final_step, stop_reason, state)
+
+    def _loop(self, loop, start: int, state: dict) -> tuple[int, str | None]:
+        """Steps `start+1 .. max_steps`; returns the last step done and why it stopped early, if it did."""
         from tqdm.auto import tqdm
 
+        model, optimizer, scheduler, params, stream, val_sets = loop
+        cfg, train, acc = self.config, self.config.train, self.accelerator
+        world, batch, accum = acc.num_processes, train.batch_size, train.grad_accum
+        tokens_per_step = self._global_batch * cfg.data.seq_len
+        peft_model = acc.unwrap_model(model)
         bar = tqdm(total=train.max_steps, initial=start, disable=not (acc.is_main_process and train.progress),
                    desc="train", unit="step", dynamic_ncols=True)  # fmt: skip
-        stop_reason, recent_losses, train_seconds = None, [], 0.0
+        train_seconds, done = 0.0, start
         model.train()
         for step in range(start, train.max_steps):
             step_start = time.perf_counter()
             step_loss = torch.zeros((), device=acc.device)
             for micro in range(accum):
                 rows = stream.batch(step, micro, acc.process_index, world, batch, accum).to(acc.device)
-                sync = nullcontext() if micro == accum - 1 else acc.no_sync(model)
-                with sync:
+                with nullcontext() if micro == accum - 1 else acc.no_sync(model):
                     loss = model(input_ids=rows, labels=rows).loss / accum  # scale for accumulation
                     acc.backward(loss)
                 step_loss += loss.detach()
             grad_norm = acc.clip_grad_norm_(params, train.max_grad_norm) if train.max_grad_norm else None
-            optimizer.step()
-            scheduler.step()
+            step_loss = acc.reduce(step_loss, reduction="mean").item()
+            finite = math.isfinite(step_loss) and (grad_norm is None or math.isfinite(float(grad_norm)))
+            self._updating = True  # an interrupt inside the update must not be checkpointed
+            if finite:
+                optimizer.step()
+            scheduler.step()  # the schedule follows the step count, skipped steps included
             optimizer.zero_grad(set_to_none=True)
             state["train_tokens"] += tokens_per_step
-
-            step_loss = acc.reduce(step_loss, reduction="mean").item()
-            if not math.isfinite(step_loss):
-                raise PeftkitError(f"step {step + 1}: the loss is {step_loss}; lower train.lr or check the data")
-            recent_losses.append(step_loss)
-            train_seconds += time.perf_counter() - step_start  # evaluation time is not training throughput
             done = step + 1
+            self._done = done
+            self._updating = False
+            train_seconds += time.perf_counter() - step_start  # evaluation time is not training throughput
             record = {"step": done, "loss": step_loss, "lr": scheduler.get_last_lr()[0], "tokens": state["train_tokens"],
                       "tokens_per_s": tokens_per_step * (done - start) / train_seconds}  # fmt: skip
             if grad_norm is not None:
                 record["grad_norm"] = float(grad_norm)
+            if not finite:
+                state["bad_steps"] += 1
+                record["skipped"] = True
+                self._record(record, "on_step")
+                if state["bad_steps"] > train.max_bad_steps:
+                    kept = [p.name for _, p in checkpoint.checkpoints(self.run_dir)]
+                    raise PeftkitError(
+                        f"step {done}: non-finite loss or gradient ({state['bad_steps']} steps skipped, more than "
+                        f"train.max_bad_steps={train.max_bad_steps}); stopped. Kept checkpoints: "
+                        f"{', '.join(kept) or 'none'}. Lower train.lr or check the data"
+                    )
+                continue
+            state["recent_losses"].append(step_loss)
             bar.set_postfix(loss=f"{step_loss:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
             bar.update(1)
             if done % train.log_every == 0:
                 self._record(record, "on_step")
-
             if done % cfg.eval.every_steps == 0 or done == train.max_steps:
-                self._evaluate(done, model, val_sets, recent_losses, state)
-                stop_reason = self._stop_reason(state)
-                recent_losses = []
+                self._evaluate(done, model, val_sets, state["recent_losses"], state)
+                state["recent_losses"] = []
                 checkpoint.save(self.run_dir, done, peft_model, optimizer, scheduler, state, acc)
                 if acc.is_main_process:
                     checkpoint.prune(self.run_dir, train.keep_checkpoints, state["best_step"])
+                stop_reason = self._stop_reason(state)
                 if stop_reason:
-                    break
+                    bar.close()
+                    return done, stop_reason
         bar.close()
-        final_step = done if train.max_steps > start else start
-        return self._finish(model, peft_model, final_step, stop_reason, state)
+        return done, None
+
+    def _save_on_interrupt(self, peft_model, optimizer, scheduler, state: dict) -> None:
+        """Ctrl-C: checkpoint the last completed step (one process only: a process group may be gone)."""
+        acc, done = self.accelerator, getattr(self, "_done", None)
+        if done is None or getattr(self, "_updating", False) or acc.num_processes > 1:
+            return
+        if not (self.run_dir / "checkpoints" / f"step-{done}").exists():
+            checkpoint.save(self.run_dir, done, peft_model, optimizer, scheduler, state, acc)
+        self.log(f"interrupted: saved checkpoint step-{done}; continue with --train.resume=true")
 
     def _prepare_data(self):
         cfg = self.config
@@ -314,8 +351,11 @@ class Trainer:
         return report
 
 
-def _prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
+def _check_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
+    """Refuse, before anything is loaded or written, to start a new run over an existing one."""
     existing = run_dir.is_dir() and any(run_dir.iterdir())
+    if resume and not (run_dir / "config.yaml").exists():
+        raise PeftkitError(f"{run_dir}: no peftkit run to resume (no config.yaml); start without --train.resume")
     if existing and not resume:
         if not overwrite:
             raise PeftkitError(
@@ -324,6 +364,11 @@ def _prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
             )
         if not (run_dir / "config.yaml").exists():
             raise PeftkitError(f"output_dir {run_dir} is not a peftkit run folder; refusing to overwrite it")
+
+
+def _reset_run_dir(run_dir: Path, fresh: bool) -> None:
+    """Create the run folder; for a fresh start, remove the files of the run it replaces."""
+    if fresh and run_dir.is_dir():
         for name in RUN_FILES:
             path = run_dir / name
             shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
@@ -335,7 +380,14 @@ def _read_metrics(path: Path) -> list[dict]:
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop records written after the checkpoint we resume from, so the log reads as one run."""
+    """Drop records written after the checkpoint we resume from (and a line cut short by a kill),
+    so the log reads as one run."""
     if path.exists():
-        kept = [line for line in path.read_text().split("\n") if line and json.loads(line)["step"] <= step]
+        kept = []
+        for line in path.read_text().split("\n"):
+            try:
+                if json.loads(line)["step"] <= step:
+                    kept.append(line)
+            except (ValueError, KeyError):
+                continue
         path.write_text("".join(line + "\n" for line in kept))

@@ -84,6 +84,7 @@ def test_resume_continues_exactly(tiny_config, tmp_path):
     with pytest.raises(KeyboardInterrupt):
         Trainer(broken, callbacks=[StopAt(6)], log=lambda _: None).fit()
     assert (tmp_path / "broken" / "checkpoints" / "step-4").exists()
+    assert (tmp_path / "broken" / "checkpoints" / "step-6").exists()  # Ctrl-C saved the last completed step
     Trainer(broken, log=lambda _: None).fit(resume=True)
 
     a, b = adapter_weights(tmp_path / "straight"), adapter_weights(tmp_path / "broken")
@@ -134,8 +135,8 @@ def test_refuses_to_clobber_a_run_and_to_resume_nothing(tiny_config):
     Trainer(with_train(tiny_config, max_steps=2, overwrite=True), log=lambda _: None).fit()
 
 
-def test_resume_without_checkpoint_is_an_error(tiny_config):
-    with pytest.raises(PeftkitError, match="no complete checkpoint"):
+def test_resume_without_a_run_is_an_error(tiny_config):
+    with pytest.raises(PeftkitError, match="no peftkit run to resume"):
         Trainer(with_train(tiny_config, resume=True), log=lambda _: None).fit()
 
 
