@@ -97,6 +97,11 @@ class Trainer:
                  "baseline": None, "recent_losses": [], "bad_steps": 0}  # fmt: skip
         start = 0
         found = checkpoint.latest_valid(self.run_dir, log=self.log) if resume else None
+        if resume and not found and checkpoint.checkpoints(self.run_dir):
+            raise PeftkitError(
+                f"{self.run_dir}: every checkpoint fails its manifest check (damaged); nothing was changed. "
+                "Start over with --train.overwrite=true"
+            )
         if acc.is_main_process:
             _reset_run_dir(self.run_dir, fresh=found is None)
             cfg.save_yaml(self.run_dir / "config.yaml")
