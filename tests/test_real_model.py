@@ -40,3 +40,37 @@ def test_medical_recipe_then_merge(tmp_path):
     model = AutoModelForCausalLM.from_pretrained(run_dir / "merged")
     tokenizer = AutoTokenizer.from_pretrained(run_dir / "merged")
     assert model.config.model_type == "llama" and tokenizer.chat_template
+
+
+def test_real_model_killed_and_resumed_matches_an_uninterrupted_run(tmp_path):
+    import signal
+    import time
+
+    import torch
+    from safetensors.torch import load_file
+
+    small = ["--train.max_steps=6", "--train.batch_size=2", "--data.seq_len=128", "--data.max_train_docs=200",
+             "--eval.every_steps=2", "--eval.val_tokens=512", "--eval.test_tokens=512", "--eval.kl_prompts=false",
+             "--eval.diagnostics=false", "--eval.qa_questions=0", "--train.progress=false"]  # fmt: skip
+    cmd = [sys.executable, "recipes/medical_lora.py", *small]
+    straight = tmp_path / "straight"
+    result = subprocess.run([*cmd, f"--output_dir={straight}"], cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(
+        [*cmd, f"--output_dir={killed}"], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    deadline = time.time() + 600
+    while proc.poll() is None and not (killed / "checkpoints" / "step-4").exists() and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert (killed / "checkpoints" / "step-4").exists() and not (killed / "report.json").exists()
+    result = subprocess.run([*cmd, f"--output_dir={killed}", "--train.resume=true"], cwd=ROOT, capture_output=True,
+                            text=True, timeout=900)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    a = load_file(straight / "adapter" / "adapter_model.safetensors")
+    b = load_file(killed / "adapter" / "adapter_model.safetensors")
+    for key in a:
+        assert torch.equal(a[key], b[key]), (key, (a[key] - b[key]).abs().max())
