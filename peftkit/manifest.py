@@ -6,7 +6,6 @@ the git commit of the working directory if any, the seed, the process count and 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import platform
@@ -18,17 +17,10 @@ import torch
 
 from peftkit import assets
 from peftkit.config import Config
+from peftkit.hashing import sha256_file
 
 PACKAGES = ("peftkit", "torch", "transformers", "peft", "accelerate", "datasets", "trl", "bitsandbytes", "safetensors",
             "tokenizers", "numpy")  # fmt: skip
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _hashes(ref: str, pattern: str) -> dict[str, str]:
