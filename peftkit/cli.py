@@ -80,6 +80,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="folder for the merged model")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="dtype of the saved weights")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
+    p = commands.add_parser("generate", help="answer a prompt with a run's adapter(s) or a merged model")
+    p.add_argument("target", help="a run folder (base + its adapter) or a merged model folder")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--adapter", action="append", default=[], help="another adapter to compare (repeatable)")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--no-chat", action="store_true", help="do not apply the chat template")
+    p.add_argument("--no-stream", action="store_true", help="print each answer when complete")
     p = commands.add_parser("report", help="write RUN_DIR/report.md and report.html (loss curves, verdict)")
     p.add_argument("run_dir")
     p = commands.add_parser("fetch", help="download and prepare a catalog asset")
@@ -109,6 +116,14 @@ def _dispatch(args, rest: list[str]) -> None:
 
         report = evaluate_run(Path(args.run_dir))
         print(format_report(report))
+    elif args.command == "generate":
+        from peftkit.generate import run
+
+        answers = run(Path(args.target), args.prompt, [Path(a) for a in args.adapter], args.max_new_tokens,
+                      chat=not args.no_chat, stream=not args.no_stream)  # fmt: skip
+        if args.no_stream:
+            for label, text in answers.items():
+                print(f"--- {label}\n{text}")
     elif args.command == "report":
         from peftkit.evaluation import format_report
         from peftkit.evaluation.render import write_report_files

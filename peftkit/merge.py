@@ -68,8 +68,32 @@ def merge_run(run_dir: Path, out: Path, dtype: str = "fp32", overwrite: bool = F
     check = {"max_abs_logit_diff_vs_adapter": diff, "max_abs_logit_diff_vs_base": moved, "tolerance": MERGE_ATOL,
              "dtype": dtype, "base_model": config.model.name_or_path, "run_dir": str(run_dir)}  # fmt: skip
     (partial / "peftkit_merge.json").write_text(json.dumps(check, indent=2))
+    (partial / "README.md").write_text(model_card(run_dir, config, check))
     if out.exists():
         shutil.rmtree(out)
     partial.rename(out)
     log(f"merged {run_dir} into {out} ({dtype}); logits match the adapter model within {diff:.1e}")
     return check
+
+
+def model_card(run_dir: Path, config: Config, check: dict) -> str:
+    """A short model card: base model, method, data, and the run's held-out results and verdict."""
+    method = config.method
+    lines = [
+        f"# {run_dir.name} (merged by peftkit)",
+        "",
+        f"- base model: `{config.model.name_or_path}`",
+        f"- method: {method.name}, r={method.r}, alpha={method.alpha}, targets {', '.join(method.target_modules)}",
+        f"- data: `{config.data.source}`, rows of {config.data.seq_len} tokens, {config.train.max_steps} steps "
+        f"at lr {config.train.lr}",
+        f"- merged in fp32, saved as {check['dtype']}; max |logit difference| vs the adapter model "
+        f"{check['max_abs_logit_diff_vs_adapter']:.1e}",
+    ]
+    report_path = run_dir / "report.json"
+    if report_path.exists():
+        report = json.loads(report_path.read_text())
+        lines += ["", "| held-out metric | base | tuned |", "|---|---|---|"]
+        lines += [f"| {key} | {value:.2f} | {report['tuned'][key]:.2f} |" for key, value in report["base"].items()]
+        if "verdict" in report:
+            lines += ["", f"Verdict: {report['verdict']['summary']}."]
+    return "\n".join(lines) + "\n"

@@ -65,6 +65,17 @@ def test_train_eval_merge_from_the_cli(tiny_config, tmp_path):
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "merged" / "model.safetensors").exists()
 
+    result = run(
+        "-m", "peftkit.cli", "generate", str(out), "--prompt", "the patient", "--max-new-tokens", "4", "--no-stream"
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("--- adapter0\n")
+
+    (out / "report.html").unlink()
+    result = run("-m", "peftkit.cli", "report", str(out))
+    assert result.returncode == 0, result.stderr
+    assert (out / "report.html").exists() and "domain ppl" in result.stdout
+
 
 def test_cross_validation_trains_one_adapter_per_fold(tiny_config, tmp_path):
     config = tmp_path / "tiny.yaml"

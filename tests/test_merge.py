@@ -28,6 +28,8 @@ def test_merged_model_loads_without_peft_and_matches_the_adapter(trained_run, ti
     with torch.no_grad():
         assert (merged(x).logits - adapted(x).logits).abs().max() < 1e-4
     assert (tmp_path / "merged" / "tokenizer.json").exists()
+    card = (tmp_path / "merged" / "README.md").read_text()
+    assert "method: lora, r=8" in card and "| domain_ppl |" in card and "Verdict:" in card
 
 
 def test_merge_refuses_existing_output_and_bad_dtype(trained_run, tmp_path):

@@ -1,0 +1,78 @@
+"""Inference: a merged model folder, or a run folder's base model with one or several adapters.
+
+Several adapters are loaded onto one copy of the base model and switched with `set_adapter`, so
+comparing them costs one base-model load. Chat models get their chat template applied.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from peftkit import models
+from peftkit.config import Config, ModelConfig
+from peftkit.errors import PeftkitError
+
+
+def _render(tokenizer, prompt: str, chat: bool) -> torch.Tensor:
+    if chat and tokenizer.chat_template:
+        return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                             return_tensors="pt", return_dict=True)["input_ids"]  # fmt: skip
+    return tokenizer(prompt, return_tensors="pt").input_ids
+
+
+def load(target: Path, adapters: list[Path]):
+    """(model, tokenizer, adapter names): `target` is a merged model folder or a run folder."""
+    target = Path(target)
+    if (target / "config.yaml").exists() and (target / "adapter").is_dir():
+        model_config = Config.from_yaml(target / "config.yaml").model
+        adapters = [target / "adapter", *adapters]
+    elif (target / "config.json").exists():
+        model_config = ModelConfig(name_or_path=str(target), dtype="fp32")
+    else:
+        raise PeftkitError(f"{target}: neither a peftkit run folder (config.yaml + adapter/) nor a model folder")
+    tokenizer = models.load_tokenizer(model_config)
+    model = models.load_model(model_config)
+    names = []
+    for index, adapter in enumerate(adapters):
+        adapter = Path(adapter)
+        adapter = adapter / "adapter" if (adapter / "adapter").is_dir() else adapter
+        if not (adapter / "adapter_config.json").exists():
+            raise PeftkitError(f"--adapter {adapter}: no adapter_config.json (a PEFT adapter folder or a run folder)")
+        name = f"adapter{index}"
+        if index == 0:
+            from peft import PeftModel
+
+            model = PeftModel.from_pretrained(model, adapter, adapter_name=name)
+        else:
+            model.load_adapter(adapter, adapter_name=name)
+        names.append(name)
+    model.eval()
+    return model, tokenizer, names
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompt: str, max_new_tokens: int = 64, chat: bool = True, stream: bool = False) -> str:
+    """Greedy continuation of `prompt` (through the chat template for chat models)."""
+    from transformers import TextStreamer
+
+    input_ids = _render(tokenizer, prompt, chat)
+    streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True) if stream else None
+    out = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=max_new_tokens,
+                         do_sample=False, pad_token_id=tokenizer.pad_token_id, streamer=streamer)  # fmt: skip
+    return tokenizer.decode(out[0, input_ids.shape[1] :], skip_special_tokens=True)
+
+
+def run(target: Path, prompt: str, adapters: list[Path], max_new_tokens: int, chat: bool, stream: bool) -> dict:
+    """Answer `prompt` with each adapter in turn (or the model alone); returns {label: text}."""
+    model, tokenizer, names = load(target, adapters)
+    answers = {}
+    for name in names or [None]:
+        label = name or str(target)
+        if name:
+            model.set_adapter(name)
+        if stream:
+            print(f"--- {label}", flush=True)
+        answers[label] = generate(model, tokenizer, prompt, max_new_tokens, chat, stream)
+    return answers
