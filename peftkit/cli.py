@@ -75,8 +75,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--folds", type=int, default=5, help="number of folds (default 5)")
     p = commands.add_parser("eval", help="recompute RUN_DIR/report.json (base vs tuned perplexity)")
     p.add_argument("run_dir")
-    p = commands.add_parser("merge", help="merge a run's adapter into its base model for deployment")
-    p.add_argument("run_dir")
+    p = commands.add_parser("merge", help="merge a run's adapter (or several, weighted) into the base model")
+    p.add_argument("run_dir", nargs="?", help="the run folder whose adapter to merge")
+    p.add_argument("--adapters", nargs="+", default=[], help="several run folders to combine instead")
+    p.add_argument("--weights", nargs="+", type=float, help="one weight per adapter (default 1.0 each)")
+    p.add_argument("--combination", default="linear", help="linear, cat, ties, dare_ties or dare_linear")
     p.add_argument("--out", required=True, help="folder for the merged model")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="dtype of the saved weights")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
@@ -132,9 +135,12 @@ def _dispatch(args, rest: list[str]) -> None:
         print(format_report(json.loads((Path(args.run_dir) / "report.json").read_text())))
         print(f"wrote {md} and {page}")
     elif args.command == "merge":
-        from peftkit.merge import merge_run
+        from peftkit.merge import merge_runs
 
-        merge_run(Path(args.run_dir), Path(args.out), dtype=args.dtype, overwrite=args.overwrite)
+        runs = [Path(r) for r in ([args.run_dir] if args.run_dir else []) + args.adapters]
+        if not runs:
+            raise PeftkitError("merge needs a run folder, or several with --adapters RUN_A RUN_B")
+        merge_runs(runs, args.weights, args.combination, Path(args.out), dtype=args.dtype, overwrite=args.overwrite)
     elif args.command == "fetch":
         from peftkit import assets
 

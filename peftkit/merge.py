@@ -26,21 +26,55 @@ CHECK_INPUTS = (
 )
 
 
+COMBINATIONS = ("linear", "cat", "ties", "dare_ties", "dare_linear")
+
+
 def merge_run(run_dir: Path, out: Path, dtype: str = "fp32", overwrite: bool = False, log=print) -> dict:
     """Write RUN_DIR's base model with its adapter merged in to `out` (safetensors + tokenizer)."""
+    return merge_runs([Path(run_dir)], None, "linear", out, dtype, overwrite, log)
+
+
+def merge_runs(
+    run_dirs: list[Path], weights: list[float] | None, combination: str, out: Path, dtype: str = "fp32",
+    overwrite: bool = False, log=print,
+) -> dict:  # fmt: skip
+    """Merge one run's adapter, or a weighted combination of several runs' adapters (peft's
+    add_weighted_adapter), into their common base model and write it to `out`."""
     from peft import PeftModel
 
-    run_dir, out = Path(run_dir), Path(out)
-    adapter_dir = run_dir / "adapter"
-    if not (adapter_dir / "adapter_config.json").exists():
-        raise PeftkitError(f"{run_dir}: no adapter/ folder; merge takes a finished peftkit run folder")
+    run_dirs, out = [Path(r) for r in run_dirs], Path(out)
+    for run_dir in run_dirs:
+        if not (run_dir / "adapter" / "adapter_config.json").exists():
+            raise PeftkitError(f"{run_dir}: no adapter/ folder; merge takes finished peftkit run folders")
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise PeftkitError(f"--out {out} already holds files; choose another folder or pass --overwrite")
     if dtype not in models.DTYPES:
         raise PeftkitError(f"--dtype {dtype}: choose one of {', '.join(models.DTYPES)}")
-    config = Config.from_yaml(run_dir / "config.yaml")
+    if combination not in COMBINATIONS:
+        raise PeftkitError(f"--combination {combination}: choose one of {', '.join(COMBINATIONS)}")
+    weights = weights or [1.0] * len(run_dirs)
+    if len(weights) != len(run_dirs):
+        raise PeftkitError(f"--weights: {len(weights)} weights for {len(run_dirs)} adapters; give one per adapter")
+    configs = [Config.from_yaml(r / "config.yaml") for r in run_dirs]
+    bases = {c.model.name_or_path for c in configs}
+    if len(bases) > 1:
+        raise PeftkitError(f"the adapters were trained on different base models ({', '.join(sorted(bases))})")
+    config = configs[0]
     tokenizer = models.load_tokenizer(config.model)
-    model = PeftModel.from_pretrained(models.load_model(config.model, dtype=torch.float32), adapter_dir)
+    model = PeftModel.from_pretrained(models.load_model(config.model, dtype=torch.float32), run_dirs[0] / "adapter",
+                                      adapter_name="a0")  # fmt: skip
+    if len(run_dirs) > 1:
+        for index, run_dir in enumerate(run_dirs[1:], 1):
+            model.load_adapter(run_dir / "adapter", adapter_name=f"a{index}")
+        names = [f"a{i}" for i in range(len(run_dirs))]
+        try:
+            model.add_weighted_adapter(names, weights, "combined", combination_type=combination,
+                                       density=0.5 if "ties" in combination or "dare" in combination else None)  # fmt: skip
+        except ValueError as err:
+            raise PeftkitError(f"--combination {combination}: {err}") from None
+        model.set_adapter("combined")
+        for name in names:
+            model.delete_adapter(name)
     model.eval()
 
     inputs = tokenizer(list(CHECK_INPUTS), return_tensors="pt", padding=True)
@@ -66,13 +100,16 @@ def merge_run(run_dir: Path, out: Path, dtype: str = "fp32", overwrite: bool = F
     merged_model.save_pretrained(partial)
     tokenizer.save_pretrained(partial)
     check = {"max_abs_logit_diff_vs_adapter": diff, "max_abs_logit_diff_vs_base": moved, "tolerance": MERGE_ATOL,
-             "dtype": dtype, "base_model": config.model.name_or_path, "run_dir": str(run_dir)}  # fmt: skip
+             "dtype": dtype, "base_model": config.model.name_or_path, "runs": [str(r) for r in run_dirs],
+             "weights": weights, "combination": combination if len(run_dirs) > 1 else None}  # fmt: skip
     (partial / "peftkit_merge.json").write_text(json.dumps(check, indent=2))
-    (partial / "README.md").write_text(model_card(run_dir, config, check))
+    (partial / "README.md").write_text(model_card(run_dirs[0], config, check))
     if out.exists():
         shutil.rmtree(out)
     partial.rename(out)
-    log(f"merged {run_dir} into {out} ({dtype}); logits match the adapter model within {diff:.1e}")
+    log(
+        f"merged {', '.join(map(str, run_dirs))} into {out} ({dtype}); logits match the adapter model within {diff:.1e}"
+    )
     return check
 
 

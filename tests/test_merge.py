@@ -59,3 +59,23 @@ def test_merge_refuses_an_adapter_that_changes_nothing(trained_run, tiny_model_d
 def test_merge_of_a_folder_without_adapter_is_an_error(tmp_path):
     with pytest.raises(PeftkitError, match="no adapter/ folder"):
         merge_run(tmp_path, tmp_path / "merged", log=lambda _: None)
+
+
+@pytest.mark.parametrize("combination", ["linear", "ties"])
+def test_weighted_merge_of_two_runs(trained_run, tmp_path, combination):
+    import json
+
+    from peftkit.merge import merge_runs
+
+    other = dataclasses.replace(
+        trained_run, output_dir=str(tmp_path / "other"), seed=1, train=dataclasses.replace(trained_run.train, lr=2e-2)
+    )
+    Trainer(other, log=lambda _: None).fit()
+    out = tmp_path / f"merged-{combination}"
+    check = merge_runs([trained_run.output_dir, other.output_dir], [0.7, 0.3], combination, out, log=lambda _: None)
+    assert check["combination"] == combination and check["weights"] == [0.7, 0.3]
+    assert check["max_abs_logit_diff_vs_adapter"] <= MERGE_ATOL and check["max_abs_logit_diff_vs_base"] > 0
+    assert json.loads((out / "peftkit_merge.json").read_text())["runs"] == [trained_run.output_dir, other.output_dir]
+    AutoModelForCausalLM.from_pretrained(out)
+    with pytest.raises(PeftkitError, match="2 weights for 1 adapters"):
+        merge_runs([trained_run.output_dir], [0.5, 0.5], "linear", tmp_path / "x", log=lambda _: None)
