@@ -92,6 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-stream", action="store_true", help="print each answer when complete")
     p = commands.add_parser("report", help="write RUN_DIR/report.md and report.html (loss curves, verdict)")
     p.add_argument("run_dir")
+    commands.add_parser("doctor", help="versions, CPU/GPU features, bitsandbytes, and what is cached")
     p = commands.add_parser("fetch", help="download and prepare a catalog asset")
     p.add_argument("name", help="asset name, or 'all'")
     return parser
@@ -141,6 +142,10 @@ def _dispatch(args, rest: list[str]) -> None:
         if not runs:
             raise PeftkitError("merge needs a run folder, or several with --adapters RUN_A RUN_B")
         merge_runs(runs, args.weights, args.combination, Path(args.out), dtype=args.dtype, overwrite=args.overwrite)
+    elif args.command == "doctor":
+        from peftkit.doctor import format_doctor, report
+
+        print(format_doctor(report()))
     elif args.command == "fetch":
         from peftkit import assets
 

@@ -88,3 +88,14 @@ def test_cross_validation_trains_one_adapter_per_fold(tiny_config, tmp_path):
     assert summary["folds"] == 2 and len(summary["per_fold"]) == 2
     assert (out / "fold-0" / "adapter").is_dir() and (out / "fold-1" / "adapter").is_dir()
     assert summary["val_ppl_std"] is not None and "validation perplexity over 2 folds" in result.stdout
+
+
+def test_doctor_reports_the_environment(tmp_path):
+    import os
+
+    result = subprocess.run([sys.executable, "-m", "peftkit.cli", "doctor"], capture_output=True, text=True,
+                            cwd=ROOT, env={**os.environ, "PEFTKIT_CACHE": str(tmp_path)}, timeout=120)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    for fragment in ("packages: peftkit", "cpu: ", "gpus: ", "bf16 compute: ", "bitsandbytes: ",
+                     f"asset cache: {tmp_path}", "smollm2-135m-instruct: not fetched"):  # fmt: skip
+        assert fragment in result.stdout, fragment
