@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -166,8 +165,3 @@ class PackedRows:
 
     def epoch_of(self, step: int, world: int, batch_size: int, grad_accum: int) -> float:
         return step * grad_accum * world * batch_size / self.rows_per_epoch
-
-
-def iter_batches(input_ids: torch.Tensor, labels: torch.Tensor, batch_size: int) -> Iterator[tuple]:
-    for start in range(0, len(input_ids), batch_size):
-        yield input_ids[start : start + batch_size], labels[start : start + batch_size]
