@@ -26,7 +26,7 @@ from peftkit.dedup import find_leaks
 from peftkit.errors import PeftkitError
 from peftkit.evaluation import compare_base_and_tuned, forgetting, format_report, nll, qa, test_sets, verdict
 from peftkit.evaluation.memorization import memorization
-from peftkit.evaluation.render import write_report_files
+from peftkit.evaluation.render import read_metrics, write_report_files
 from peftkit.manifest import write_manifest
 
 RUN_FILES = ("config.yaml", "metrics.jsonl", "report.json", "report.md", "report.html", "loss_curves.png",
@@ -321,7 +321,7 @@ class Trainer:
             out["qa"] = qa.compare(peft_model, self.tokenizer, groups, ev.batch_size, self.accelerator)
         if not ev.diagnostics:
             return out
-        evals = [r for r in _read_metrics(self.run_dir / "metrics.jsonl") if "gap" in r]
+        evals = [r for r in read_metrics(self.run_dir) if "gap" in r]
         seq_len = self.config.data.seq_len
         best = next((r for r in evals if r["step"] == best_step), None)
         diagnostics = {
@@ -378,10 +378,6 @@ def _reset_run_dir(run_dir: Path, fresh: bool) -> None:
             path = run_dir / name
             shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
     run_dir.mkdir(parents=True, exist_ok=True)
-
-
-def _read_metrics(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().split("\n") if line] if path.exists() else []
 
 
 def _truncate_metrics(path: Path, step: int) -> None:

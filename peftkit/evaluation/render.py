@@ -11,8 +11,9 @@ from pathlib import Path
 from peftkit.errors import PeftkitError
 
 
-def _metrics(run_dir: Path) -> list[dict]:
-    path = run_dir / "metrics.jsonl"
+def read_metrics(run_dir: Path) -> list[dict]:
+    """The records of RUN_DIR/metrics.jsonl (empty if there is none yet)."""
+    path = Path(run_dir) / "metrics.jsonl"
     return [json.loads(line) for line in path.read_text().split("\n") if line] if path.exists() else []
 
 
@@ -66,7 +67,7 @@ def write_report_files(run_dir: Path) -> tuple[Path, Path]:
     if not (run_dir / "report.json").exists():
         raise PeftkitError(f"{run_dir}: no report.json; train the run first (or run peftkit eval {run_dir})")
     report = json.loads((run_dir / "report.json").read_text())
-    png = loss_curves_png(_metrics(run_dir), report.get("best_step"))
+    png = loss_curves_png(read_metrics(run_dir), report.get("best_step"))
     (run_dir / "loss_curves.png").write_bytes(png)
     verdict = report.get("verdict", {})
     rows = _summary_rows(report)
