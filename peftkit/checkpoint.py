@@ -51,7 +51,18 @@ def latest_valid(run_dir: Path, log=lambda _: None) -> Path | None:
     return None
 
 
-def save(run_dir: Path, step: int, peft_model, optimizer, scheduler, state: dict, accelerator) -> Path:
+def save_adapter(accelerator, model, out_dir: Path) -> None:
+    """Write the adapter of `model` (as prepared by Accelerate) to `out_dir` in standard PEFT format.
+
+    Every process must call this: under FSDP and DeepSpeed ZeRO-3 the weights are sharded across
+    processes and `get_state_dict` gathers them (a collective); only the main process writes.
+    """
+    state_dict = accelerator.get_state_dict(model)
+    if accelerator.is_main_process:
+        accelerator.unwrap_model(model).save_pretrained(out_dir, state_dict=state_dict)
+
+
+def save(run_dir: Path, step: int, model, optimizer, scheduler, state: dict, accelerator) -> Path:
     """Write checkpoint `step` (every process calls this; only the main process writes shared files)."""
     final = run_dir / "checkpoints" / f"step-{step}"
     partial = final.with_name(final.name + ".tmp")
@@ -64,8 +75,8 @@ def save(run_dir: Path, step: int, peft_model, optimizer, scheduler, state: dict
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state()
         torch.save(rng, partial / f"rng-{accelerator.process_index}.pt")
+        save_adapter(accelerator, model, partial / "adapter")
         if accelerator.is_main_process:
-            peft_model.save_pretrained(partial / "adapter")
             torch.save(optimizer.state_dict(), partial / "optimizer.pt")
             torch.save(scheduler.state_dict(), partial / "scheduler.pt")
             (partial / "state.json").write_text(json.dumps({**state, "step": step}, indent=2))
@@ -84,6 +95,21 @@ def save(run_dir: Path, step: int, peft_model, optimizer, scheduler, state: dict
         ) from None
     accelerator.wait_for_everyone()
     return final
+
+
+def check_unsharded(accelerator) -> None:
+    """Refuse FSDP and ZeRO-3 before training: restoring a checkpoint (resume, best-step restore) into
+    sharded parameters is not implemented, and a run must not find that out after training."""
+    from accelerate.utils import DistributedType
+
+    kind = accelerator.distributed_type
+    zero3 = kind == DistributedType.DEEPSPEED and accelerator.state.deepspeed_plugin.zero_stage == 3
+    if kind == DistributedType.FSDP or zero3:
+        raise PeftkitError(
+            f"{'DeepSpeed ZeRO-3' if zero3 else 'FSDP'}: restoring checkpoints into sharded weights (resume, "
+            "best-step restore) is not supported yet; launch with DDP (recipes/accelerate/multi_gpu.yaml) or "
+            "DeepSpeed ZeRO-2 (recipes/accelerate/deepspeed_zero2.yaml)"
+        )
 
 
 def load(path: Path, peft_model, optimizer, scheduler, accelerator) -> dict:

@@ -61,6 +61,7 @@ class Trainer:
         cfg, train = self.config, self.config.train
         resume = train.resume if resume is None else resume
         self.accelerator = acc = models.make_accelerator(train.mixed_precision)
+        checkpoint.check_unsharded(acc)
         _check_run_dir(self.run_dir, resume, train.overwrite)
 
         # Everything that can fail on bad input is loaded before the run folder is touched.
@@ -125,7 +126,7 @@ class Trainer:
         try:
             final_step, stop_reason = self._loop(loop, start, state)
         except KeyboardInterrupt:
-            self._save_on_interrupt(peft_model, optimizer, scheduler, state)
+            self._save_on_interrupt(model, optimizer, scheduler, state)
             raise
         return self._finish(model, peft_model, final_step, stop_reason, state)
 
@@ -137,7 +138,6 @@ class Trainer:
         cfg, train, acc = self.config, self.config.train, self.accelerator
         world, batch, accum = acc.num_processes, train.batch_size, train.grad_accum
         tokens_per_step = self._global_batch * cfg.data.seq_len
-        peft_model = acc.unwrap_model(model)
         bar = tqdm(total=train.max_steps, initial=start, disable=not (acc.is_main_process and train.progress),
                    desc="train", unit="step", dynamic_ncols=True)  # fmt: skip
         train_seconds, done = 0.0, start
@@ -188,7 +188,7 @@ class Trainer:
             if done % cfg.eval.every_steps == 0 or done == train.max_steps:
                 self._evaluate(done, model, val_sets, state["recent_losses"], state)
                 state["recent_losses"] = []
-                checkpoint.save(self.run_dir, done, peft_model, optimizer, scheduler, state, acc)
+                checkpoint.save(self.run_dir, done, model, optimizer, scheduler, state, acc)
                 if acc.is_main_process:
                     checkpoint.prune(self.run_dir, train.keep_checkpoints, state["best_step"])
                 stop_reason = self._stop_reason(state)
@@ -198,13 +198,13 @@ class Trainer:
         bar.close()
         return done, None
 
-    def _save_on_interrupt(self, peft_model, optimizer, scheduler, state: dict) -> None:
+    def _save_on_interrupt(self, model, optimizer, scheduler, state: dict) -> None:
         """Ctrl-C: checkpoint the last completed step (one process only: a process group may be gone)."""
         acc, done = self.accelerator, getattr(self, "_done", None)
         if done is None or getattr(self, "_updating", False) or acc.num_processes > 1:
             return
         if not (self.run_dir / "checkpoints" / f"step-{done}").exists():
-            checkpoint.save(self.run_dir, done, peft_model, optimizer, scheduler, state, acc)
+            checkpoint.save(self.run_dir, done, model, optimizer, scheduler, state, acc)
         self.log(f"interrupted: saved checkpoint step-{done}; continue with --train.resume=true")
 
     def _prepare_data(self):
@@ -290,9 +290,8 @@ class Trainer:
             checkpoint.load_adapter_weights(peft_model, self.run_dir / "checkpoints" / f"step-{best_step}" / "adapter")
             self.log(f"restored the best checkpoint, step {best_step}")
         if acc.is_main_process:
-            adapter_dir = self.run_dir / "adapter"
-            shutil.rmtree(adapter_dir, ignore_errors=True)
-            peft_model.save_pretrained(adapter_dir)
+            shutil.rmtree(self.run_dir / "adapter", ignore_errors=True)
+        checkpoint.save_adapter(acc, model, self.run_dir / "adapter")
         report = self.evaluate(model)
         report.update(best_step=best_step, adapter_step=best_step or final_step, final_step=final_step,
                       stopped_early=stop_reason is not None, stop_reason=stop_reason or "reached train.max_steps",
