@@ -135,3 +135,23 @@ def test_shipped_accelerate_configs_load():
         config = ClusterConfig.from_yaml_file(path)  # rejects unknown keys
         assert config.num_processes >= 1
         assert f"recipes/accelerate/{path.name}" in path.read_text(), f"{path.name}: document its launch command"
+
+
+def test_fsdp_and_zero3_are_refused_before_training():
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    from peftkit import checkpoint
+    from peftkit.errors import PeftkitError
+
+    fsdp = SimpleNamespace(distributed_type=DistributedType.FSDP)
+    zero3 = SimpleNamespace(distributed_type=DistributedType.DEEPSPEED,
+                            state=SimpleNamespace(deepspeed_plugin=SimpleNamespace(zero_stage=3)))  # fmt: skip
+    zero2 = SimpleNamespace(distributed_type=DistributedType.DEEPSPEED,
+                            state=SimpleNamespace(deepspeed_plugin=SimpleNamespace(zero_stage=2)))  # fmt: skip
+    for acc in (fsdp, zero3):
+        with pytest.raises(PeftkitError, match="not supported yet; launch with DDP"):
+            checkpoint.check_unsharded(acc)
+    checkpoint.check_unsharded(zero2)
+    checkpoint.check_unsharded(SimpleNamespace(distributed_type=DistributedType.MULTI_GPU))
