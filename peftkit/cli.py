@@ -83,8 +83,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="folder for the merged model")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="dtype of the saved weights")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
+    p = commands.add_parser("export", help="write a merged model folder as GGUF, checked by reloading it")
+    p.add_argument("model_dir", help="a model folder, e.g. the --out of `peftkit merge`")
+    p.add_argument("--format", default="gguf", choices=["gguf"], help="export format (default gguf)")
+    p.add_argument("--quant", default="f16", choices=["f32", "f16", "q8_0"], help="tensor type (default f16)")
+    p.add_argument("--out", help="the .gguf file to write (default MODEL_DIR-QUANT.gguf beside the folder)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     p = commands.add_parser("generate", help="answer a prompt with a run's adapter(s) or a merged model")
-    p.add_argument("target", help="a run folder (base + its adapter) or a merged model folder")
+    p.add_argument("target", help="a run folder (base + its adapter), a merged model folder or a .gguf file")
     p.add_argument("--prompt", required=True)
     p.add_argument("--adapter", action="append", default=[], help="another adapter to compare (repeatable)")
     p.add_argument("--max-new-tokens", type=int, default=64)
@@ -135,6 +141,12 @@ def _dispatch(args, rest: list[str]) -> None:
         md, page = write_report_files(Path(args.run_dir))
         print(format_report(json.loads((Path(args.run_dir) / "report.json").read_text())))
         print(f"wrote {md} and {page}")
+    elif args.command == "export":
+        from peftkit.export import export_gguf
+
+        model_dir = Path(args.model_dir).resolve()
+        out = Path(args.out) if args.out else model_dir.with_name(f"{model_dir.name}-{args.quant}.gguf")
+        export_gguf(model_dir, out, quant=args.quant, overwrite=args.overwrite)
     elif args.command == "merge":
         from peftkit.merge import merge_runs
 

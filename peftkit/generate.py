@@ -25,15 +25,25 @@ def _render(tokenizer, prompt: str, chat: bool) -> torch.Tensor:
 def load(target: Path, adapters: list[Path]):
     """(model, tokenizer, adapter names): `target` is a merged model folder or a run folder."""
     target = Path(target)
+    if target.suffix == ".gguf" and target.is_file():
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(target.parent, gguf_file=target.name)
+        model = AutoModelForCausalLM.from_pretrained(target.parent, gguf_file=target.name, dtype=torch.float32)
+        return _with_adapters(model, tokenizer, adapters)
     if (target / "config.yaml").exists() and (target / "adapter").is_dir():
         model_config = Config.from_yaml(target / "config.yaml").model
         adapters = [target / "adapter", *adapters]
     elif (target / "config.json").exists():
         model_config = ModelConfig(name_or_path=str(target), dtype="fp32")
     else:
-        raise PeftkitError(f"{target}: neither a peftkit run folder (config.yaml + adapter/) nor a model folder")
-    tokenizer = models.load_tokenizer(model_config)
-    model = models.load_model(model_config)
+        raise PeftkitError(
+            f"{target}: neither a peftkit run folder (config.yaml + adapter/), a model folder nor a .gguf file"
+        )
+    return _with_adapters(models.load_model(model_config), models.load_tokenizer(model_config), adapters)
+
+
+def _with_adapters(model, tokenizer, adapters: list[Path]):
     names = []
     for index, adapter in enumerate(adapters):
         adapter = Path(adapter)

@@ -41,6 +41,11 @@ def test_medical_recipe_then_merge(tmp_path):
     tokenizer = AutoTokenizer.from_pretrained(run_dir / "merged")
     assert model.config.model_type == "llama" and tokenizer.chat_template
 
+    from peftkit.export import export_gguf
+
+    exported = export_gguf(run_dir / "merged", run_dir / "merged-f16.gguf", quant="f16")
+    assert exported["relative"] < 1e-2 and all(c["same"] for c in exported["continuations"]), exported
+
 
 def test_real_model_killed_and_resumed_matches_an_uninterrupted_run(tmp_path):
     import signal
