@@ -51,15 +51,18 @@ def latest_valid(run_dir: Path, log=lambda _: None) -> Path | None:
     return None
 
 
-def save_adapter(accelerator, model, out_dir: Path) -> None:
+def save_adapter(accelerator, model, out_dir: Path, initial: Path | None = None) -> None:
     """Write the adapter of `model` (as prepared by Accelerate) to `out_dir` in standard PEFT format.
 
     Every process must call this: under FSDP and DeepSpeed ZeRO-3 the weights are sharded across
     processes and `get_state_dict` gathers them (a collective); only the main process writes.
+    `initial`: the adapter as initialised by PiSSA/OLoRA, to convert to plain LoRA on the original base.
     """
     state_dict = accelerator.get_state_dict(model)
     if accelerator.is_main_process:
-        accelerator.unwrap_model(model).save_pretrained(out_dir, state_dict=state_dict)
+        # the conversion loads the initial adapter into the live model, so it reads the model's own state
+        extra = {"path_initial_model_for_weight_conversion": str(initial)} if initial else {"state_dict": state_dict}
+        accelerator.unwrap_model(model).save_pretrained(out_dir, **extra)
 
 
 def save(run_dir: Path, step: int, model, optimizer, scheduler, state: dict, accelerator) -> Path:

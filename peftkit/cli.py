@@ -8,6 +8,7 @@ import json
 import sys
 from pathlib import Path
 
+from peftkit.compare import METHODS
 from peftkit.config import Config, describe
 from peftkit.errors import PeftkitError
 
@@ -83,6 +84,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="folder for the merged model")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="dtype of the saved weights")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
+    p = commands.add_parser(
+        "compare",
+        help="train several methods on the same data and budget; tabulate them",
+        epilog=config_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("target", help="recipes/NAME.py or a .yaml config (data, budget and evaluation shared)")
+    p.add_argument(
+        "--methods",
+        nargs="+",
+        default=["lora", "dora", "ia3", "prompt_tuning", "top_layers"],
+        help="methods to compare: " + ", ".join(METHODS),
+    )
+    p.add_argument("--out", default="runs/compare", help="folder for the runs and compare.md/.json/.png")
     p = commands.add_parser("export", help="write a merged model folder as GGUF, checked by reloading it")
     p.add_argument("model_dir", help="a model folder, e.g. the --out of `peftkit merge`")
     p.add_argument("--format", default="gguf", choices=["gguf"], help="export format (default gguf)")
@@ -107,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
-    if rest and args.command not in ("train", "cv"):
+    if rest and args.command not in ("train", "cv", "compare"):
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     guarded(lambda: _dispatch(args, rest))
 
@@ -141,6 +156,10 @@ def _dispatch(args, rest: list[str]) -> None:
         md, page = write_report_files(Path(args.run_dir))
         print(format_report(json.loads((Path(args.run_dir) / "report.json").read_text())))
         print(f"wrote {md} and {page}")
+    elif args.command == "compare":
+        from peftkit.compare import compare
+
+        compare(args.target, args.methods, Path(args.out), rest)
     elif args.command == "export":
         from peftkit.export import export_gguf
 

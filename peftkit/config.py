@@ -44,6 +44,11 @@ class ModelConfig:
     allow_pickle: bool = _f(
         False, "allow pickled .bin weights (loaded with torch.load(weights_only=True)); safetensors only otherwise"
     )
+    quantization: str = _f(
+        "none",
+        "load the frozen base quantized through bitsandbytes: 4-bit NormalFloat (QLoRA) or 8-bit",
+        ("none", "nf4", "int8"),
+    )
 
 
 @dataclass
@@ -86,22 +91,43 @@ class DataConfig:
 
 @dataclass
 class MethodConfig:
-    name: str = _f("lora", "adapter method, from the registry in peftkit/methods")
-    r: int = _f(16, "LoRA rank")
-    alpha: float = _f(32.0, "LoRA scaling numerator (scale = alpha / r)")
-    dropout: float = _f(0.0, "dropout on the adapter input")
+    name: str = _f(
+        "lora",
+        "adapter method, from the registry in peftkit/methods: lora, dora, qlora (lora on a model.quantization "
+        "base), ia3, loha, lokr, prompt_tuning, prefix_tuning, top_layers (unfreeze the top blocks, no adapter)",
+    )
+    r: int = _f(16, "rank (LoRA, DoRA, LoHa, LoKr)")
+    alpha: float = _f(32.0, "scaling numerator (scale = alpha / r; alpha / sqrt(r) with rslora)")
+    dropout: float = _f(0.0, "dropout on the adapter input (LoRA family, LoHa/LoKr module dropout)")
     target_modules: list[str] = _f(
         ["q_proj", "k_proj", "v_proj", "o_proj"],
         "module names to adapt (comma-separated on the command line), or ['all-linear']",
     )
+    layers: list[int] = _f([], "adapt only these block indices (peft layers_to_transform); empty = all blocks")
+    rslora: bool = _f(False, "rank-stabilised LoRA: scale alpha / sqrt(r) instead of alpha / r")
+    init: str = _f(
+        "default",
+        "LoRA initialisation: default (B = 0), gaussian, pissa or olora (start from the weights' principal "
+        "or QR directions; the saved adapter is converted to plain LoRA on the original base)",
+        ("default", "gaussian", "pissa", "olora"),
+    )
+    lora_plus_ratio: float = _f(0.0, "LoRA+: learning rate of the B matrices = ratio x train.lr (e.g. 16); 0 = off")
+    virtual_tokens: int = _f(20, "prompt_tuning / prefix_tuning: number of trained virtual tokens")
+    top_layers: int = _f(2, "top_layers: how many of the last transformer blocks to unfreeze")
+    neftune_alpha: float = _f(0.0, "NEFTune: uniform noise of scale alpha / sqrt(length x hidden) on input embeddings in training; 0 = off")  # fmt: skip
 
     def __post_init__(self):
         from peftkit import methods
 
         _require(self.name in methods.names(), "method.name", f"must be one of {methods.names()}, got {self.name!r}")
-        _require(self.r > 0, "method.r", f"must be positive, got {self.r}")
+        for key in ("r", "virtual_tokens", "top_layers"):
+            _require(getattr(self, key) > 0, f"method.{key}", f"must be positive, got {getattr(self, key)}")
         _require(0 <= self.dropout < 1, "method.dropout", f"must be in [0, 1), got {self.dropout}")
         _require(bool(self.target_modules), "method.target_modules", "must name at least one module")
+        _require(all(i >= 0 for i in self.layers), "method.layers", f"block indices must be >= 0, got {self.layers}")
+        _require(self.lora_plus_ratio == 0 or self.lora_plus_ratio >= 1, "method.lora_plus_ratio",
+                 f"must be 0 (off) or >= 1 (B learns faster than A), got {self.lora_plus_ratio}")  # fmt: skip
+        _require(self.neftune_alpha >= 0, "method.neftune_alpha", f"must be >= 0, got {self.neftune_alpha}")
 
 
 @dataclass
@@ -195,6 +221,11 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     output_dir: str = _f("runs/peftkit", "run folder: checkpoints, adapter, metrics and report")
     seed: int = _f(0, "seed for data order, adapter initialisation and dropout")
+
+    def __post_init__(self):
+        if self.method.name == "qlora":
+            _require(self.model.quantization != "none", "model.quantization",
+                     "method qlora trains LoRA on a quantized base: set model.quantization=nf4 (or int8)")  # fmt: skip
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -325,6 +356,15 @@ def _coerce(value: Any, kind: Any, key: str, choices: tuple | None, origin: str)
     if typing.get_origin(kind) is list:
         if isinstance(value, str):
             value = [v.strip().strip("'\"") for v in value.strip("[]").split(",") if v.strip()]
+        if typing.get_args(kind) == (int,):
+            if not isinstance(value, list) or not all(
+                isinstance(v, int | str) and not isinstance(v, bool) for v in value
+            ):
+                bad("a list of integers")
+            try:
+                return [int(v) for v in value]
+            except ValueError:
+                bad("a list of integers")
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
             bad("a list of names")
         return value

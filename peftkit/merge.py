@@ -8,6 +8,7 @@ beyond MERGE_ATOL, or a merged model identical to the base, is refused.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -27,6 +28,9 @@ CHECK_INPUTS = (
 
 
 COMBINATIONS = ("linear", "cat", "ties", "dare_ties", "dare_linear")
+NOT_MERGEABLE = ("prompt_tuning", "prefix_tuning")
+# quantized bases: merged vs quantized adapter model within this share of the base's own quantization error
+QUANTIZED_MERGE_SHARE = {"nf4": 0.1, "int8": 0.5}
 
 
 def merge_run(run_dir: Path, out: Path, dtype: str = "fp32", overwrite: bool = False, log=print) -> dict:
@@ -40,7 +44,6 @@ def merge_runs(
 ) -> dict:  # fmt: skip
     """Merge one run's adapter, or a weighted combination of several runs' adapters (peft's
     add_weighted_adapter), into their common base model and write it to `out`."""
-    from peft import PeftModel
 
     run_dirs, out = [Path(r) for r in run_dirs], Path(out)
     for run_dir in run_dirs:
@@ -60,9 +63,75 @@ def merge_runs(
     if len(bases) > 1:
         raise PeftkitError(f"the adapters were trained on different base models ({', '.join(sorted(bases))})")
     config = configs[0]
+    for run_dir, run_config in zip(run_dirs, configs, strict=True):
+        if run_config.method.name in NOT_MERGEABLE:
+            raise PeftkitError(
+                f"{run_dir}: method {run_config.method.name} adds virtual tokens, not weight changes, so it cannot be "
+                f"merged; deploy the base model with the adapter (peftkit generate {run_dir})"
+            )
     tokenizer = models.load_tokenizer(config.model)
-    model = PeftModel.from_pretrained(models.load_model(config.model, dtype=torch.float32), run_dirs[0] / "adapter",
-                                      adapter_name="a0")  # fmt: skip
+    inputs = tokenizer(list(CHECK_INPUTS), return_tensors="pt", padding=True)
+    quantized = config.model.quantization != "none"
+    tolerance = MERGE_ATOL
+    if quantized:
+        # QLoRA trained against the quantized weights: merge into those weights dequantized, not into the
+        # original full-precision ones (the known trap), and check against the quantized adapter model.
+        # No fp32 model reproduces bitsandbytes' kernels exactly (LLM.int8 also quantizes activations),
+        # so the tolerance is a share of the quantization error itself: the trap is off by about all of it.
+        reference = _adapter_model(models.load_model(config.model, dtype=torch.float32), run_dirs, weights, combination)
+        full = models.load_model(dataclasses.replace(config.model, quantization="none"), dtype=torch.float32).eval()
+        with torch.no_grad():
+            adapted = reference(**inputs).logits
+            with reference.disable_adapter():
+                quantization_error = (reference(**inputs).logits - full(**inputs).logits).abs().max().item()
+        del reference, full
+        tolerance = QUANTIZED_MERGE_SHARE[config.model.quantization] * quantization_error
+        base_model = models.load_model(config.model, dtype=torch.float32).dequantize(dtype=torch.float32)
+    else:
+        base_model = models.load_model(config.model, dtype=torch.float32)
+    model = _adapter_model(base_model, run_dirs, weights, combination)
+    with torch.no_grad():
+        if not quantized:
+            adapted = model(**inputs).logits
+        with model.disable_adapter():
+            base = model(**inputs).logits
+        merged_model = model.merge_and_unload()
+        merged = merged_model(**inputs).logits
+    mask = inputs["attention_mask"].bool()
+    diff = (merged - adapted).abs()[mask].max().item()
+    moved = (merged - base).abs()[mask].max().item()
+    if diff > tolerance:
+        raise PeftkitError(
+            f"merged logits differ from the adapter model's by {diff:.2e} > {tolerance:.2e}; nothing written"
+        )
+    if moved == 0:
+        raise PeftkitError("the merged model is identical to the base model (the adapter is a no-op); nothing written")
+
+    merged_model = merged_model.to(models.DTYPES[dtype])
+    partial = out.with_name(out.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    merged_model.save_pretrained(partial)
+    tokenizer.save_pretrained(partial)
+    check = {"max_abs_logit_diff_vs_adapter": diff, "max_abs_logit_diff_vs_base": moved, "tolerance": tolerance,
+             "quantization": config.model.quantization,
+             "dtype": dtype, "base_model": config.model.name_or_path, "runs": [str(r) for r in run_dirs],
+             "weights": weights, "combination": combination if len(run_dirs) > 1 else None}  # fmt: skip
+    (partial / "peftkit_merge.json").write_text(json.dumps(check, indent=2))
+    (partial / "README.md").write_text(model_card(run_dirs[0], config, check))
+    if out.exists():
+        shutil.rmtree(out)
+    partial.rename(out)
+    log(
+        f"merged {', '.join(map(str, run_dirs))} into {out} ({dtype}); logits match the adapter model within {diff:.1e}"
+    )
+    return check
+
+
+def _adapter_model(base, run_dirs: list[Path], weights: list[float], combination: str):
+    """`base` with the runs' adapters: one as it is, several combined into one weighted adapter."""
+    from peft import PeftModel
+
+    model = PeftModel.from_pretrained(base, run_dirs[0] / "adapter", adapter_name="a0")
     if len(run_dirs) > 1:
         for index, run_dir in enumerate(run_dirs[1:], 1):
             model.load_adapter(run_dir / "adapter", adapter_name=f"a{index}")
@@ -75,42 +144,7 @@ def merge_runs(
         model.set_adapter("combined")
         for name in names:
             model.delete_adapter(name)
-    model.eval()
-
-    inputs = tokenizer(list(CHECK_INPUTS), return_tensors="pt", padding=True)
-    with torch.no_grad():
-        adapted = model(**inputs).logits
-        with model.disable_adapter():
-            base = model(**inputs).logits
-        merged_model = model.merge_and_unload()
-        merged = merged_model(**inputs).logits
-    mask = inputs["attention_mask"].bool()
-    diff = (merged - adapted).abs()[mask].max().item()
-    moved = (merged - base).abs()[mask].max().item()
-    if diff > MERGE_ATOL:
-        raise PeftkitError(
-            f"merged logits differ from the adapter model's by {diff:.2e} > {MERGE_ATOL}; nothing written"
-        )
-    if moved == 0:
-        raise PeftkitError("the merged model is identical to the base model (the adapter is a no-op); nothing written")
-
-    merged_model = merged_model.to(models.DTYPES[dtype])
-    partial = out.with_name(out.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    merged_model.save_pretrained(partial)
-    tokenizer.save_pretrained(partial)
-    check = {"max_abs_logit_diff_vs_adapter": diff, "max_abs_logit_diff_vs_base": moved, "tolerance": MERGE_ATOL,
-             "dtype": dtype, "base_model": config.model.name_or_path, "runs": [str(r) for r in run_dirs],
-             "weights": weights, "combination": combination if len(run_dirs) > 1 else None}  # fmt: skip
-    (partial / "peftkit_merge.json").write_text(json.dumps(check, indent=2))
-    (partial / "README.md").write_text(model_card(run_dirs[0], config, check))
-    if out.exists():
-        shutil.rmtree(out)
-    partial.rename(out)
-    log(
-        f"merged {', '.join(map(str, run_dirs))} into {out} ({dtype}); logits match the adapter model within {diff:.1e}"
-    )
-    return check
+    return model.eval()
 
 
 def model_card(run_dir: Path, config: Config, check: dict) -> str:

@@ -75,9 +75,24 @@ def load_model(config: ModelConfig, dtype: torch.dtype | None = None, log=lambda
     dtype = dtype or resolve_dtype(config.dtype)
     path = model_path(config, log)
     safetensors = any(path.glob("*.safetensors"))  # else allow_pickle was given: transformers uses weights_only
+    extra = {"quantization_config": quantization_config(config, dtype)} if config.quantization != "none" else {}
     return AutoModelForCausalLM.from_pretrained(
-        path, dtype=dtype, use_safetensors=safetensors, trust_remote_code=config.trust_remote_code
+        path, dtype=dtype, use_safetensors=safetensors, trust_remote_code=config.trust_remote_code, **extra
     )
+
+
+def quantization_config(config: ModelConfig, dtype: torch.dtype):
+    """bitsandbytes settings for model.quantization: NF4 with double quantization (QLoRA), or LLM.int8."""
+    try:
+        import bitsandbytes  # noqa: F401
+        from transformers import BitsAndBytesConfig
+    except ImportError as err:
+        raise PeftkitError(f"model.quantization={config.quantization} needs bitsandbytes ({err}); "
+                           "pip install bitsandbytes, or set model.quantization=none") from None  # fmt: skip
+    if config.quantization == "nf4":
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                  bnb_4bit_compute_dtype=dtype)  # fmt: skip
+    return BitsAndBytesConfig(load_in_8bit=True)
 
 
 def convert_gguf(gguf_file: Path, out: Path) -> None:

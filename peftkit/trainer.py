@@ -48,6 +48,7 @@ class Trainer:
         self.callbacks = list(callbacks)
         self._log = log
         self.run_dir = Path(config.output_dir)
+        self._initial_adapter = self.run_dir / "initial_adapter"
 
     def log(self, message: str) -> None:
         if self.accelerator.is_main_process:
@@ -67,9 +68,15 @@ class Trainer:
         # Everything that can fail on bad input is loaded before the run folder is touched.
         set_seed(cfg.seed)
         self.tokenizer = models.load_tokenizer(cfg.model, log=self.log)
-        self.model = methods.apply(cfg.method, models.load_model(cfg.model, log=self.log))
+        base = models.load_model(cfg.model, log=self.log)
+        if not getattr(base, "is_quantized", False):  # bitsandbytes places quantized weights when loading
+            base.to(acc.device)
+        # The forgetting reference comes from the untouched base, before any method can change it.
+        self.answers = forgetting.base_answers(base, self.tokenizer, acc) if cfg.eval.kl_prompts else None
+        self.model = methods.apply(cfg.method, base)
         trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
         total = sum(p.numel() for p in self.model.parameters())
+        self._params = {"trainable_params": trainable, "total_params": total}
         self.log(f"{cfg.method.name}: {trainable:,} trainable of {total:,} parameters ({trainable / total:.2%})")
         stream, val_sets = self._prepare_data()
         world, batch, accum = acc.num_processes, train.batch_size, train.grad_accum
@@ -82,7 +89,7 @@ class Trainer:
         )
 
         params = [p for p in self.model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=train.lr, weight_decay=train.weight_decay)
+        optimizer = methods.optimizer(cfg.method, self.model, train.lr, train.weight_decay)
         scheduler = get_scheduler(
             train.lr_schedule if train.lr_schedule != "constant" else "constant_with_warmup",
             optimizer,
@@ -92,7 +99,6 @@ class Trainer:
         # The scheduler is stepped by hand once per optimizer step, whatever the process count.
         model, optimizer = acc.prepare(self.model, optimizer)
         peft_model = acc.unwrap_model(model)
-        self.answers = forgetting.base_answers(peft_model, self.tokenizer) if cfg.eval.kl_prompts else None
 
         state = {"best_step": None, "best_val_loss": None, "evals_since_best": 0, "train_tokens": 0,
                  "baseline": None, "recent_losses": [], "bad_steps": 0}  # fmt: skip
@@ -107,6 +113,8 @@ class Trainer:
             _reset_run_dir(self.run_dir, fresh=found is None)
             cfg.save_yaml(self.run_dir / "config.yaml")
             write_manifest(self.run_dir, cfg, world)
+            if methods.converts_on_save(cfg.method):
+                peft_model.save_pretrained(self._initial_adapter)  # PiSSA/OLoRA: the reference for conversion
         acc.wait_for_everyone()
         if found:
             state = {**state, **checkpoint.load(found, peft_model, optimizer, scheduler, acc)}
@@ -164,6 +172,7 @@ class Trainer:
             self._done = done
             self._updating = False
             train_seconds += time.perf_counter() - step_start  # evaluation time is not training throughput
+            self._throughput = tokens_per_step * (done - start) / train_seconds
             record = {"step": done, "loss": step_loss, "lr": scheduler.get_last_lr()[0], "tokens": state["train_tokens"],
                       "tokens_per_s": tokens_per_step * (done - start) / train_seconds}  # fmt: skip
             if grad_norm is not None:
@@ -291,13 +300,24 @@ class Trainer:
             self.log(f"restored the best checkpoint, step {best_step}")
         if acc.is_main_process:
             shutil.rmtree(self.run_dir / "adapter", ignore_errors=True)
-        checkpoint.save_adapter(acc, model, self.run_dir / "adapter")
+        converts = methods.converts_on_save(self.config.method)
+        checkpoint.save_adapter(acc, model, self.run_dir / "adapter", self._initial_adapter if converts else None)
+        if converts:
+            # The in-memory base holds PiSSA/OLoRA residual weights, so disable_adapter() is not the base
+            # model: evaluate the saved (converted) adapter on a freshly loaded original base instead.
+            from peft import PeftModel
+
+            acc.wait_for_everyone()
+            base = models.load_model(self.config.model, log=self.log)
+            model = peft_model = PeftModel.from_pretrained(base, self.run_dir / "adapter").to(acc.device)
+            self.model = model
         report = self.evaluate(model)
         report.update(best_step=best_step, adapter_step=best_step or final_step, final_step=final_step,
                       stopped_early=stop_reason is not None, stop_reason=stop_reason or "reached train.max_steps",
                       train_tokens=state["train_tokens"], best_val_loss=state["best_val_loss"],
                       processes=acc.num_processes, global_batch_rows=self._global_batch,
-                      baseline=state["baseline"])  # fmt: skip
+                      baseline=state["baseline"], method=self.config.method.name, **self._params,
+                      tokens_per_s=getattr(self, "_throughput", None))  # fmt: skip
         if acc.is_main_process:  # diagnostics need no other process; generation runs on one
             report.update(self._diagnostics(peft_model, best_step))
         report["verdict"] = verdict(report, self.config.eval)

@@ -41,8 +41,13 @@ TEXT_PROMPTS = (
 
 
 @torch.no_grad()
-def base_answers(peft_model, tokenizer, max_new_tokens: int = 32) -> dict[str, torch.Tensor]:
-    """The base model's greedy answers to the general prompts, as token ids with masks."""
+def base_answers(model, tokenizer, accelerator=None, max_new_tokens: int = 32) -> dict[str, torch.Tensor]:
+    """The base model's greedy answers to the general prompts (token ids with masks) and its
+    next-token log-probabilities over them, the reference every later KL is measured against.
+
+    `model` is the base model, or a peft model whose adapter is disabled for this. Computing the
+    reference once also serves methods whose disabled adapter is not the base (PiSSA, OLoRA).
+    """
     if tokenizer.chat_template:
         prompts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
                                                  add_generation_prompt=True) for p in CHAT_PROMPTS]  # fmt: skip
@@ -54,41 +59,46 @@ def base_answers(peft_model, tokenizer, max_new_tokens: int = 32) -> dict[str, t
         batch = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
     finally:
         tokenizer.padding_side = side
-    device = next(peft_model.parameters()).device
-    was_training = peft_model.training
-    peft_model.eval()
-    with peft_model.disable_adapter():
-        out = peft_model.generate(**{k: v.to(device) for k, v in batch.items()}, max_new_tokens=max_new_tokens,
-                                  do_sample=False, pad_token_id=tokenizer.pad_token_id)  # fmt: skip
-    peft_model.train(was_training)
-    prompt_len = batch["input_ids"].shape[1]
-    answer = out[:, prompt_len:].cpu()
-    # an answer ends at its first EOS (kept: stopping is behaviour too)
-    ended = (answer == tokenizer.eos_token_id).int().cumsum(dim=1)
-    answer_mask = (ended == 0) | ((ended == 1) & (answer == tokenizer.eos_token_id))
-    attention = torch.cat([batch["attention_mask"], answer_mask.long()], dim=1)
-    target_mask = torch.cat([torch.zeros_like(batch["attention_mask"], dtype=torch.bool), answer_mask], dim=1)
-    return {"input_ids": out.cpu(), "attention_mask": attention, "target_mask": target_mask}
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    with model.disable_adapter() if hasattr(model, "disable_adapter") else nullcontext():
+        out = model.generate(**{k: v.to(device) for k, v in batch.items()}, max_new_tokens=max_new_tokens,
+                             do_sample=False, pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+        prompt_len = batch["input_ids"].shape[1]
+        answer = out[:, prompt_len:].cpu()
+        # an answer ends at its first EOS (kept: stopping is behaviour too)
+        ended = (answer == tokenizer.eos_token_id).int().cumsum(dim=1)
+        answer_mask = (ended == 0) | ((ended == 1) & (answer == tokenizer.eos_token_id))
+        attention = torch.cat([batch["attention_mask"], answer_mask.long()], dim=1)
+        target_mask = torch.cat([torch.zeros_like(batch["attention_mask"], dtype=torch.bool), answer_mask], dim=1)
+        answers = {"input_ids": out.cpu(), "attention_mask": attention, "target_mask": target_mask}
+        with accelerator.autocast() if accelerator else nullcontext():
+            answers["base_logprobs"] = _logprobs(model, answers, device).cpu()
+    model.train(was_training)
+    return answers
 
 
 def _logprobs(model, answers: dict, device) -> torch.Tensor:
-    mask = answers["attention_mask"].to(device)
+    """Log-probabilities of the next token at the answer positions only: [answer tokens, vocab]."""
+    from peftkit.methods import sequence_logits
+
+    ids, mask = answers["input_ids"].to(device), answers["attention_mask"].to(device)
     positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
-    logits = model(input_ids=answers["input_ids"].to(device), attention_mask=mask, position_ids=positions).logits
-    return F.log_softmax(logits[:, :-1].float(), dim=-1)
+    logits = sequence_logits(model, ids, attention_mask=mask, position_ids=positions)
+    targets = answers["target_mask"][:, 1:].to(device)  # position t predicts token t + 1
+    return F.log_softmax(logits[:, :-1][targets].float(), dim=-1)
 
 
 @torch.no_grad()
-def kl_from_base(peft_model, answers: dict, accelerator=None) -> float:
+def kl_from_base(model, answers: dict, accelerator=None) -> float:
     """Mean KL(base || tuned) in nats per answer token."""
-    device = next(peft_model.parameters()).device
-    was_training = peft_model.training
-    peft_model.eval()
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
     with accelerator.autocast() if accelerator else nullcontext():
-        tuned = _logprobs(peft_model, answers, device)
-        with peft_model.disable_adapter():
-            base = _logprobs(peft_model, answers, device)
-    peft_model.train(was_training)
+        tuned = _logprobs(model, answers, device)
+    model.train(was_training)
+    base = answers["base_logprobs"].to(device)
     per_token = (base.exp() * (base - tuned)).sum(dim=-1)  # KL at each position predicting the next token
-    targets = answers["target_mask"][:, 1:].to(device)
-    return (per_token[targets].sum() / targets.sum().clamp(min=1)).item()
+    return (per_token.sum() / max(len(per_token), 1)).item()

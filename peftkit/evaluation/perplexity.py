@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from peftkit.data import IGNORE_INDEX
+from peftkit.methods import sequence_logits
 
 
 @torch.no_grad()
@@ -29,7 +30,7 @@ def nll(model, input_ids: torch.Tensor, labels: torch.Tensor, batch_size: int, a
         for start in range(0, len(mine), batch_size):
             index = mine[start : start + batch_size]
             x, y = input_ids[index].to(device), labels[index].to(device)
-            logits = model(input_ids=x).logits[:, :-1]
+            logits = sequence_logits(model, x)[:, :-1]
             target = y[:, 1:]
             loss = F.cross_entropy(
                 logits.float().reshape(-1, logits.size(-1)),

@@ -16,6 +16,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from peftkit.methods import is_prompt_learning, sequence_logits
+
 MEDICAL_SUBJECTS = (
     "anatomy",
     "clinical knowledge",
@@ -52,8 +54,10 @@ def choose(model, tokenizer, questions: list[dict], batch_size: int = 8, acceler
     was_training = model.training
     model.eval()
     # Run the decoder once per batch and the 49k-wide output layer only where an option token is predicted.
+    # Prompt/prefix tuning live in the peft model's forward, so those go through it whole.
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
     decoder, head = inner.get_decoder(), inner.get_output_embeddings()
+    whole = is_prompt_learning(model)
     with accelerator.autocast() if accelerator else nullcontext():
         for start in range(0, len(order), batch_size):
             chunk = [pairs[k] for k in order[start : start + batch_size]]
@@ -61,11 +65,15 @@ def choose(model, tokenizer, questions: list[dict], batch_size: int = 8, acceler
             ids = torch.full((len(chunk), length), tokenizer.pad_token_id)
             for row, (_, _, c, o) in enumerate(chunk):  # right padding: causal attention never sees it
                 ids[row, : len(c) + len(o)] = torch.tensor(c + o)
-            hidden = decoder(input_ids=ids.to(device)).last_hidden_state
+            if whole:
+                hidden = sequence_logits(model, ids.to(device))  # already logits
+            else:
+                hidden = decoder(input_ids=ids.to(device)).last_hidden_state
             for row, (qi, oi, c, o) in enumerate(chunk):
                 # option token t is predicted by the hidden state one position before it
                 at = torch.arange(len(c) - 1, len(c) + len(o) - 1, device=device)
-                logprobs = F.log_softmax(head(hidden[row, at]).float(), dim=-1)
+                states = hidden[row, at]
+                logprobs = F.log_softmax((states if whole else head(states)).float(), dim=-1)
                 scores[qi, oi] = logprobs[torch.arange(len(o)), torch.tensor(o, device=device)].mean().item()
     model.train(was_training)
     return scores.argmax(dim=1).tolist()

@@ -1,25 +1,35 @@
-"""LoRA through peft."""
+"""The LoRA family through peft: LoRA, DoRA, QLoRA (LoRA on a bitsandbytes-quantized base), with
+rsLoRA scaling, PiSSA/OLoRA/Gaussian initialisation and layer selection as options."""
 
 from __future__ import annotations
 
 from peftkit.errors import PeftkitError
-from peftkit.methods import register
+from peftkit.methods import get_peft_model, peft_kwargs, register, targets
+
+INIT = {"default": True, "gaussian": "gaussian", "pissa": "pissa", "olora": "olora"}
+
+
+def lora_config(config, model, use_dora: bool = False):
+    from peft import LoraConfig
+
+    if config.init in ("pissa", "olora") and use_dora:
+        raise PeftkitError(f"method.init={config.init} with dora: the adapter cannot be converted back to plain "
+                           "LoRA on the original base; use method.name=lora or method.init=default")  # fmt: skip
+    if config.init in ("pissa", "olora") and getattr(model, "is_quantized", False):
+        raise PeftkitError(f"method.init={config.init}: initialising from a quantized base's weights is not supported "
+                           "here; use model.quantization=none or method.init=default")  # fmt: skip
+    return LoraConfig(r=config.r, lora_alpha=config.alpha, lora_dropout=config.dropout, target_modules=targets(config, model),
+                      use_rslora=config.rslora, use_dora=use_dora, init_lora_weights=INIT[config.init],
+                      task_type="CAUSAL_LM", **peft_kwargs(config, model))  # fmt: skip
 
 
 @register("lora")
+@register("qlora")  # the base's quantization comes from model.quantization (checked by the config)
 def build_lora(config, model):
-    from peft import LoraConfig, get_peft_model
+    return get_peft_model(model, lora_config(config, model))
 
-    targets = "all-linear" if config.target_modules == ["all-linear"] else list(config.target_modules)
-    lora = LoraConfig(
-        r=config.r,
-        lora_alpha=config.alpha,
-        lora_dropout=config.dropout,
-        target_modules=targets,
-        task_type="CAUSAL_LM",
-    )
-    try:
-        # autocast_adapter_dtype keeps the adapter weights in fp32 over a bf16 base, for stable updates
-        return get_peft_model(model, lora, autocast_adapter_dtype=True)
-    except ValueError as err:
-        raise PeftkitError(f"method.target_modules: {err}") from None
+
+@register("dora")
+def build_dora(config, model):
+    """Weight-decomposed LoRA: a trained magnitude per output row plus a LoRA direction update."""
+    return get_peft_model(model, lora_config(config, model, use_dora=True))

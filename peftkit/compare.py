@@ -1,0 +1,137 @@
+"""Several methods on the same data and token budget, side by side: what each costs and gains.
+
+Each method trains in its own process (`peftkit train RECIPE` with the method's overrides), so
+its peak memory is its own (read from the operating system's accounting of that child process).
+The table: trainable parameters, training tokens/s, peak RSS, domain and general perplexity
+(base -> tuned), KL from the base model's answers, QA accuracy and the verdict, as Markdown, JSON
+and a PNG chart.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from peftkit.errors import PeftkitError
+
+# Per-method overrides on top of the recipe. Learning rates follow each family's usual range
+# (IA3 and prompt tuning need ~10-100x LoRA's; whole blocks ~5x less).
+METHODS: dict[str, list[str]] = {
+    "lora": [],
+    "rslora": ["--method.rslora=true"],
+    "dora": ["--method.name=dora"],
+    "pissa": ["--method.init=pissa"],
+    "lora_plus": ["--method.lora_plus_ratio=16", "--train.lr=2.5e-4"],
+    "qlora": ["--model.quantization=nf4", "--method.name=qlora"],
+    "ia3": ["--method.name=ia3", "--method.target_modules=k_proj,v_proj,down_proj", "--train.lr=5e-3"],
+    "loha": ["--method.name=loha", "--method.r=8", "--method.alpha=16"],
+    "lokr": ["--method.name=lokr", "--train.lr=1e-3"],
+    "prompt_tuning": ["--method.name=prompt_tuning", "--train.lr=3e-2"],
+    "prefix_tuning": ["--method.name=prefix_tuning", "--train.lr=1e-2"],
+    "top_layers": ["--method.name=top_layers", "--method.top_layers=2", "--train.lr=1e-4"],
+}
+
+
+def compare(target: str, methods: list[str], out: Path, overrides: list[str], log=print) -> list[dict]:
+    """Train `target` (a recipe or YAML config) once per method into out/METHOD and tabulate the reports."""
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise PeftkitError(f"--methods: unknown {', '.join(unknown)}; choose from {', '.join(METHODS)}")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for method in methods:
+        run_dir = out / method
+        command = [sys.executable, "-m", "peftkit.cli", "train", target, *overrides, *METHODS[method],
+                   f"--output_dir={run_dir}", "--train.overwrite=true", "--train.progress=false"]  # fmt: skip
+        log(f"[{method}] {' '.join(command[3:])}")
+        started = time.perf_counter()
+        log_file = out / f"{method}.log"
+        with log_file.open("w") as sink:
+            process = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT)
+            # wait4 reports this child's own peak RSS (Linux: KiB); Popen.wait would discard it
+            _, status, usage = os.wait4(process.pid, 0)
+        code = os.waitstatus_to_exitcode(status)
+        if code != 0:
+            tail = log_file.read_text()[-2000:]
+            raise PeftkitError(f"method {method} failed (exit {code}); see {log_file}: ...{tail.strip()[-300:]}")
+        peak_mb = round(usage.ru_maxrss / 1024, 1)
+        report = json.loads((run_dir / "report.json").read_text())
+        rows.append(_row(method, report, peak_mb, time.perf_counter() - started))
+        log(f"[{method}] " + ", ".join(f"{k}={v}" for k, v in rows[-1].items() if k != "method"))
+    (out / "compare.json").write_text(json.dumps(rows, indent=2))
+    (out / "compare.md").write_text(format_table(rows) + "\n")
+    chart(rows, out / "compare.png")
+    log(format_table(rows))
+    log(f"wrote {out / 'compare.md'}, {out / 'compare.json'} and {out / 'compare.png'}")
+    return rows
+
+
+def _row(method: str, report: dict, peak_mb: float | None, wall_s: float) -> dict:
+    qa = report.get("qa", {}).get("medical", {})
+    return {
+        "method": method,
+        "trainable_params": report.get("trainable_params"),
+        "trainable_share": round(report["trainable_params"] / report["total_params"], 6)
+        if report.get("total_params") else None,
+        "tokens_per_s": round(report["tokens_per_s"], 1) if report.get("tokens_per_s") else None,
+        "peak_rss_mb": peak_mb,
+        "domain_ppl_base": round(report["base"]["domain_ppl"], 2),
+        "domain_ppl": round(report["tuned"]["domain_ppl"], 2),
+        "general_ppl_base": round(report["base"]["general_ppl"], 2),
+        "general_ppl": round(report["tuned"]["general_ppl"], 2),
+        "general_kl": round(report["general_kl"], 4) if report.get("general_kl") is not None else None,
+        "medical_qa_base": qa.get("base_accuracy"),
+        "medical_qa": qa.get("tuned_accuracy"),
+        "verdict": report["verdict"]["recommend"],
+        "wall_s": round(wall_s, 1),
+    }  # fmt: skip
+
+
+def format_table(rows: list[dict]) -> str:
+    def pct(new, old):
+        return f"{(new / old - 1) * 100:+.1f}%"
+
+    lines = ["| method | trainable | tokens/s | peak RSS | domain ppl | general ppl | KL from base | medical QA | verdict |",
+             "|---|---:|---:|---:|---|---|---:|---|---|"]  # fmt: skip
+    for r in rows:
+        qa = f"{r['medical_qa_base']:.0%} -> {r['medical_qa']:.0%}" if r["medical_qa"] is not None else "-"
+        kl = f"{r['general_kl']:.3f}" if r["general_kl"] is not None else "-"
+        lines.append(
+            f"| {r['method']} | {r['trainable_params']:,} ({r['trainable_share']:.2%}) | {r['tokens_per_s'] or 0:.0f} "
+            f"| {r['peak_rss_mb'] or 0:,.0f} MB | {r['domain_ppl_base']} -> {r['domain_ppl']} "
+            f"({pct(r['domain_ppl'], r['domain_ppl_base'])}) | {r['general_ppl_base']} -> {r['general_ppl']} "
+            f"({pct(r['general_ppl'], r['general_ppl_base'])}) | {kl} | {qa} | {r['verdict']} |"
+        )
+    return "\n".join(lines)
+
+
+def chart(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [r["method"] for r in rows]
+    domain = [(r["domain_ppl"] / r["domain_ppl_base"] - 1) * 100 for r in rows]
+    general = [(r["general_ppl"] / r["general_ppl_base"] - 1) * 100 for r in rows]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 0.5 * len(rows) + 2))
+    y = range(len(rows))
+    left.barh([i - 0.2 for i in y], domain, height=0.4, label="domain (PubMed test)")
+    left.barh([i + 0.2 for i in y], general, height=0.4, label="general (Wikipedia)")
+    left.set_yticks(list(y), names)
+    left.invert_yaxis()
+    left.axvline(0, color="black", linewidth=0.8)
+    left.set_xlabel("perplexity change vs base (%), lower is better")
+    left.legend(loc="lower right", fontsize=8)
+    right.barh(list(y), [r["tokens_per_s"] or 0 for r in rows], color="tab:green")
+    right.set_yticks(list(y), [f"{r['trainable_share']:.2%}" for r in rows])
+    right.invert_yaxis()
+    right.set_xlabel("training tokens/s (labels: share of weights trained)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,23 @@
+"""LoHa (Hadamard product of two low-rank pairs) and LoKr (Kronecker product) through peft."""
+
+from __future__ import annotations
+
+from peftkit.methods import get_peft_model, peft_kwargs, register, targets
+
+
+@register("loha")
+def build_loha(config, model):
+    from peft import LoHaConfig
+
+    return get_peft_model(model, LoHaConfig(r=config.r, alpha=config.alpha, module_dropout=config.dropout,
+                                            target_modules=targets(config, model), task_type="CAUSAL_LM",
+                                            **peft_kwargs(config, model)))  # fmt: skip
+
+
+@register("lokr")
+def build_lokr(config, model):
+    from peft import LoKrConfig
+
+    return get_peft_model(model, LoKrConfig(r=config.r, alpha=config.alpha, module_dropout=config.dropout,
+                                            target_modules=targets(config, model), task_type="CAUSAL_LM",
+                                            **peft_kwargs(config, model)))  # fmt: skip

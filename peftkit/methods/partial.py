@@ -1,0 +1,44 @@
+"""Partial fine-tuning without adapters: the top N transformer blocks are trained in full, the
+rest stay frozen.
+
+Built on peft's `modules_to_save` so it behaves like every other method: the trained copies of
+those blocks' weights are the "adapter" (saved, reloaded with plain peft, merged by replacing the
+originals) and `disable_adapter()` gives back the untouched base for the guard's comparisons.
+peft needs at least one adapted module to build a model; the carrier is an IA3 scaling vector on
+one projection of the bottom block, kept frozen at its initial value of exactly 1 (an identity).
+"""
+
+from __future__ import annotations
+
+from peftkit.errors import PeftkitError
+from peftkit.methods import get_peft_model, register
+
+
+def top_block_modules(model, n: int) -> tuple[list[str], int]:
+    """Full names of the leaf modules with weights in the last `n` blocks, and the number of blocks."""
+    blocks = model.config.num_hidden_layers
+    if n > blocks:
+        raise PeftkitError(f"method.top_layers: the model has {blocks} blocks; got {n}")
+    prefixes = tuple(f"layers.{i}." for i in range(blocks - n, blocks))
+    names = [name for name, module in model.named_modules()
+             if not list(module.children()) and any(True for _ in module.parameters(recurse=False))
+             and any(f".{p}" in f".{name}" for p in prefixes)]  # fmt: skip
+    return names, blocks
+
+
+@register("top_layers")
+def build_top_layers(config, model):
+    from peft import IA3Config
+
+    modules, blocks = top_block_modules(model, config.top_layers)
+    if config.top_layers == blocks:
+        raise PeftkitError(f"method.top_layers={blocks} unfreezes every block; that is full fine-tuning, choose fewer")
+    carrier = next((name for name, _ in model.named_modules() if name.endswith("layers.0.self_attn.v_proj")), None)
+    if carrier is None:
+        raise PeftkitError("method.top_layers: supported for Llama-style models (blocks under layers.N with v_proj)")
+    peft_model = get_peft_model(model, IA3Config(target_modules=[carrier], feedforward_modules=[], modules_to_save=modules,
+                                                 task_type="CAUSAL_LM"), "method.top_layers")  # fmt: skip
+    for name, param in peft_model.named_parameters():
+        if "ia3_l" in name:
+            param.requires_grad_(False)
+    return peft_model
