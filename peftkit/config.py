@@ -51,6 +51,9 @@ class ModelConfig:
     )
 
 
+AUGMENTATIONS = ("token_noise", "sentence_shuffle")
+
+
 @dataclass
 class DataConfig:
     source: str = _f(
@@ -72,9 +75,25 @@ class DataConfig:
         "k-fold cross-validation: pool train and validation, split them into this many folds by content hash; 0 = off",
     )
     fold: int = _f(0, "the fold held out for validation when data.folds > 0")
+    replay: float = _f(
+        0.0,
+        "share of training tokens drawn from general_source documents that no evaluation scores (the usual "
+        "remedy for forgetting); 0 = off",
+    )
+    augment: list[str] = _f(
+        [],
+        "training-only augmentations, each measured by the guard: token_noise (inputs get random tokens, "
+        "targets stay clean), sentence_shuffle (adds a copy of each document with its sentences reordered); "
+        "NEFTune is method.neftune_alpha",
+    )
+    token_noise: float = _f(0.1, "token_noise: probability that an input token is replaced by a random one")
 
     def __post_init__(self):
         _require(self.seq_len >= 8, "data.seq_len", f"must be at least 8, got {self.seq_len}")
+        _require(0 <= self.replay < 1, "data.replay", f"must be a share in [0, 1), got {self.replay}")
+        unknown = sorted(set(self.augment) - set(AUGMENTATIONS))
+        _require(not unknown, "data.augment", f"unknown {unknown}; choose from {list(AUGMENTATIONS)}")
+        _require(0 < self.token_noise < 1, "data.token_noise", f"must be in (0, 1), got {self.token_noise}")
         _require(
             self.max_train_docs is None or self.max_train_docs > 0,
             "data.max_train_docs",
@@ -176,6 +195,17 @@ class EvalConfig:
         "taken from the start of each set, packed into seq_len rows",
     )
     batch_size: int = _f(4, "rows per forward pass during evaluation")
+    kshot: int = _f(
+        3, "no-fine-tuning baseline: the base model answers QA with this many solved examples in the prompt; 0 = off"
+    )
+    prompt_tokens: int = _f(
+        128,
+        "no-fine-tuning baseline: the base model scores the domain test set with this many tokens of training "
+        "documents in front of each row (context, not trained); 0 = off",
+    )
+    underfit_slope: float = _f(
+        0.01, "underfitting: validation loss still falling by more than this share per evaluation at the end"
+    )
     patience: int = _f(0, "stop after this many evaluations without improvement; 0 = never stop early")
     min_delta: float = _f(0.0, "validation-loss decrease that counts as an improvement")
     max_general_ppl_increase: float | None = _f(
@@ -210,6 +240,9 @@ class EvalConfig:
         _require(0 <= self.min_domain_gain < 1, "eval.min_domain_gain", "must be in [0, 1)")
         _require(self.max_general_kl is None or self.max_general_kl >= 0, "eval.max_general_kl", "must be >= 0 or null")
         _require(self.qa_questions >= 0, "eval.qa_questions", "must be >= 0")
+        _require(self.kshot >= 0, "eval.kshot", "must be >= 0")
+        _require(self.prompt_tokens >= 0, "eval.prompt_tokens", "must be >= 0")
+        _require(self.underfit_slope > 0, "eval.underfit_slope", "must be > 0")
 
 
 @dataclass

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import random
+import re
 from pathlib import Path
 
 import numpy as np
@@ -165,3 +167,56 @@ class PackedRows:
 
     def epoch_of(self, step: int, world: int, batch_size: int, grad_accum: int) -> float:
         return step * grad_accum * world * batch_size / self.rows_per_epoch
+
+
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z0-9(\[])")
+
+
+def shuffle_sentences(doc: str, rng: random.Random) -> str:
+    """The document with its sentences in another order (unchanged when it has fewer than two)."""
+    sentences = _SENTENCE_END.split(doc.strip())
+    if len(sentences) < 2:
+        return doc
+    order = list(range(len(sentences)))
+    while order == sorted(order):
+        rng.shuffle(order)
+    return " ".join(sentences[i] for i in order)
+
+
+def augment_documents(docs: list[str], config: DataConfig, seed: int) -> list[str]:
+    """Training documents plus their augmented copies (data.augment); validation and test never pass here."""
+    if "sentence_shuffle" not in config.augment:
+        return docs
+    rng = random.Random(seed)
+    copies = [shuffle_sentences(doc, rng) for doc in docs]
+    return docs + [copy for copy, doc in zip(copies, docs, strict=True) if copy != doc]
+
+
+def noise_tokens(rows: torch.Tensor, share: float, vocab_size: int, key: list[int]) -> torch.Tensor:
+    """`rows` with each token replaced by a random one with probability `share`, reproducibly for `key`
+    (seed, step, micro-batch, rank), so a resumed run sees the same noise. Targets stay the clean rows."""
+    generator = torch.Generator().manual_seed(int(np.random.SeedSequence(key).generate_state(1)[0]))
+    replace = torch.rand(rows.shape, generator=generator) < share
+    random_ids = torch.randint(0, vocab_size, rows.shape, generator=generator)
+    return torch.where(replace, random_ids, rows)
+
+
+def replay_documents(general: list[str], tokenizer, reserved_tokens: int, wanted_tokens: int) -> list[np.ndarray]:
+    """Tokenized general documents for replay: none of the first `reserved_tokens` tokens (which the
+    general-text evaluations score), then whole documents until `wanted_tokens`, cycling if needed."""
+    seen, free = 0, []
+    for ids in tokenize(tokenizer, general):
+        if seen >= reserved_tokens:
+            free.append(ids)
+        seen += len(ids)
+    if not free:
+        raise PeftkitError(
+            f"data.replay: data.general_source has {seen} tokens, all scored by the general-text evaluations "
+            f"(the first {reserved_tokens}); add general documents or lower eval.test_tokens / eval.val_tokens"
+        )
+    picked, total = [], 0
+    while total < wanted_tokens:
+        ids = free[len(picked) % len(free)]
+        picked.append(ids)
+        total += len(ids)
+    return picked

@@ -27,6 +27,7 @@ from peftkit.errors import PeftkitError
 from peftkit.evaluation import compare_base_and_tuned, forgetting, format_report, nll, qa, test_sets, verdict
 from peftkit.evaluation.memorization import memorization
 from peftkit.evaluation.render import read_metrics, write_report_files
+from peftkit.evaluation.report import domain_prompt, prompted_baseline, underfitting
 from peftkit.manifest import write_manifest
 
 RUN_FILES = ("config.yaml", "metrics.jsonl", "report.json", "report.md", "report.html", "loss_curves.png",
@@ -154,9 +155,14 @@ class Trainer:
             step_start = time.perf_counter()
             step_loss = torch.zeros((), device=acc.device)
             for micro in range(accum):
-                rows = stream.batch(step, micro, acc.process_index, world, batch, accum).to(acc.device)
+                rows = stream.batch(step, micro, acc.process_index, world, batch, accum)
+                inputs = rows
+                if "token_noise" in cfg.data.augment:  # noisy inputs, clean targets
+                    key = [self.config.seed, step, micro, acc.process_index]
+                    inputs = data.noise_tokens(rows, cfg.data.token_noise, len(self.tokenizer), key)
+                rows, inputs = rows.to(acc.device), inputs.to(acc.device)
                 with nullcontext() if micro == accum - 1 else acc.no_sync(model):
-                    loss = model(input_ids=rows, labels=rows).loss / accum  # scale for accumulation
+                    loss = model(input_ids=inputs, labels=rows).loss / accum  # scale for accumulation
                     acc.backward(loss)
                 step_loss += loss.detach()
             grad_norm = acc.clip_grad_norm_(params, train.max_grad_norm) if train.max_grad_norm else None
@@ -222,8 +228,24 @@ class Trainer:
         if cfg.data.max_train_docs:
             order = torch.randperm(len(docs), generator=torch.Generator().manual_seed(cfg.seed))
             docs = [docs[i] for i in order[: cfg.data.max_train_docs]]
-        self.train_docs = docs
-        stream = data.PackedRows(data.tokenize(self.tokenizer, docs), cfg.data.seq_len, cfg.seed)
+        self.train_docs = docs  # the corpus as given: memorisation and leakage checks look at these
+        tokens = data.tokenize(self.tokenizer, data.augment_documents(docs, cfg.data, cfg.seed))
+        if len(tokens) > len(docs):
+            self.log(f"sentence_shuffle: {len(tokens) - len(docs):,} reordered copies added to {len(docs):,} documents")
+        if cfg.data.replay:
+            general = data.load_general(cfg.data, log=self.log)
+            if not general:
+                raise PeftkitError("data.replay needs data.general_source (general-domain documents to replay)")
+            domain = sum(len(t) for t in tokens)
+            wanted = int(domain * cfg.data.replay / (1 - cfg.data.replay))
+            replay = data.replay_documents(
+                general, self.tokenizer, max(cfg.eval.val_tokens, cfg.eval.test_tokens), wanted
+            )
+            self.log(
+                f"replay: {sum(len(t) for t in replay):,} tokens of general text mixed into {domain:,} domain tokens"
+            )
+            tokens = tokens + replay
+        stream = data.PackedRows(tokens, cfg.data.seq_len, cfg.seed)
         needed = cfg.train.batch_size * self.accelerator.num_processes
         if stream.rows_per_epoch < needed:
             raise PeftkitError(
@@ -335,9 +357,14 @@ class Trainer:
         if ev.qa_questions:
             path = assets.resolve(ev.qa_source, log=self.log)
             path = path / "mmlu.jsonl" if path.is_dir() else path
-            groups = {"medical": qa.load_questions(path, True, ev.qa_questions, self.config.seed),
-                      "general": qa.load_questions(path, False, ev.qa_questions, self.config.seed)}  # fmt: skip
-            out["qa"] = qa.compare(peft_model, self.tokenizer, groups, ev.batch_size, self.accelerator)
+            seed, n = self.config.seed, ev.qa_questions
+            groups = {
+                "medical": qa.load_questions(path, True, n, seed),
+                "general": qa.load_questions(path, False, n, seed),
+            }
+            shots = {"medical": qa.load_questions(path, True, ev.kshot, seed, skip=n),
+                     "general": qa.load_questions(path, False, ev.kshot, seed, skip=n)}  # fmt: skip
+            out["qa"] = qa.compare(peft_model, self.tokenizer, groups, ev.batch_size, self.accelerator, shots)
         if not ev.diagnostics:
             return out
         evals = [r for r in read_metrics(self.run_dir) if "gap" in r]
@@ -362,6 +389,7 @@ class Trainer:
                 "test": find_leaks(self.train_docs, data.load_split(self.config.data, "test")),
             },  # fmt: skip
         }
+        diagnostics["underfitting"] = underfitting(read_metrics(self.run_dir), self.config.eval)
         out["diagnostics"] = diagnostics
         return out
 
@@ -369,6 +397,10 @@ class Trainer:
         """Base vs tuned perplexity on the domain test split and the general text (fixed token budgets)."""
         sets = test_sets(self.config, self.tokenizer)
         report = compare_base_and_tuned(model or self.model, sets, self.config.eval.batch_size, self.accelerator)
+        prefix = domain_prompt(self.tokenizer, self.train_docs, self.config.eval.prompt_tokens)
+        if prefix is not None:
+            report["base_prompted"] = prompted_baseline(model or self.model, sets["domain"], prefix,
+                                                        self.config.eval.batch_size, self.accelerator)  # fmt: skip
         if self.answers is not None:
             report["general_kl"] = forgetting.kl_from_base(self.accelerator.unwrap_model(model or self.model),
                                                            self.answers, self.accelerator)  # fmt: skip

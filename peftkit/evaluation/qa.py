@@ -28,24 +28,35 @@ MEDICAL_SUBJECTS = (
 )
 
 
-def load_questions(path: Path, medical: bool, limit: int, seed: int) -> list[dict]:
-    """A seeded sample of `limit` MMLU questions from the medical subjects, or from all the others."""
+def load_questions(path: Path, medical: bool, limit: int, seed: int, skip: int = 0) -> list[dict]:
+    """A seeded sample of `limit` MMLU questions from the medical subjects, or from all the others.
+
+    `skip` starts further down the same shuffled order, so examples for k-shot prompts drawn with
+    skip=limit never include a test question.
+    """
     rows = [json.loads(line) for line in Path(path).read_text(encoding="utf-8").split("\n") if line.strip()]
     rows = [r for r in rows if (r["subject"] in MEDICAL_SUBJECTS) == medical]
     random.Random(seed).shuffle(rows)
-    return rows[:limit]
+    return rows[skip : skip + limit]
 
 
 def prompt(question: dict) -> str:
     return f"Question: {question['question'].strip()}\nAnswer:"
 
 
+def shots_text(examples: list[dict]) -> str:
+    """Solved examples in the scoring format, placed before the question for the k-shot baseline."""
+    return "".join(f"{prompt(q)} {q['choices'][q['answer']].strip()}\n\n" for q in examples)
+
+
 @torch.no_grad()
-def choose(model, tokenizer, questions: list[dict], batch_size: int = 8, accelerator=None) -> list[int]:
-    """Index of the option each question's highest mean log-probability picks."""
+def choose(
+    model, tokenizer, questions: list[dict], batch_size: int = 8, accelerator=None, shots: str = ""
+) -> list[int]:
+    """Index of the option each question's highest mean log-probability picks (`shots`: solved examples first)."""
     pairs = []  # (question index, option index, prompt ids, option ids)
     for qi, q in enumerate(questions):
-        context = tokenizer(prompt(q), add_special_tokens=False)["input_ids"]
+        context = tokenizer(shots + prompt(q), add_special_tokens=False)["input_ids"]
         for oi, option in enumerate(q["choices"]):
             pairs.append((qi, oi, context, tokenizer(" " + option.strip(), add_special_tokens=False)["input_ids"]))
     scores = torch.full((len(questions), max(len(q["choices"]) for q in questions)), -math.inf)
@@ -88,16 +99,23 @@ def wilson(correct: int, n: int, z: float = 1.96) -> list[float]:
     return [round(centre - half, 4), round(centre + half, 4)]
 
 
-def compare(peft_model, tokenizer, groups: dict[str, list[dict]], batch_size: int = 8, accelerator=None) -> dict:
+def compare(peft_model, tokenizer, groups: dict[str, list[dict]], batch_size: int = 8, accelerator=None,
+            shots: dict[str, list[dict]] | None = None) -> dict:  # fmt: skip
     """Accuracy of base (adapter disabled) and tuned model per group, with 95% intervals, and the
-    paired change in accuracy with its 95% interval (same questions for both)."""
+    paired change in accuracy with its 95% interval (same questions for both). With `shots` (solved
+    examples per group, never test questions), also the base model's k-shot accuracy: the
+    no-fine-tuning alternative."""
     result = {}
     for name, questions in groups.items():
         if not questions:
             continue
         answers = torch.tensor([q["answer"] for q in questions])
+        examples = (shots or {}).get(name) or []
         with peft_model.disable_adapter():
             base = (torch.tensor(choose(peft_model, tokenizer, questions, batch_size, accelerator)) == answers).tolist()
+            if examples:
+                picked = choose(peft_model, tokenizer, questions, batch_size, accelerator, shots_text(examples))
+                kshot = (torch.tensor(picked) == answers).tolist()
         tuned = (torch.tensor(choose(peft_model, tokenizer, questions, batch_size, accelerator)) == answers).tolist()
         n = len(questions)
         diffs = [float(t) - float(b) for t, b in zip(tuned, base, strict=True)]
@@ -112,4 +130,7 @@ def compare(peft_model, tokenizer, groups: dict[str, list[dict]], batch_size: in
             "change": mean,
             "change_ci95": [round(mean - 1.96 * spread, 4), round(mean + 1.96 * spread, 4)],
         }
+        if examples:
+            result[name].update(kshot=len(examples), kshot_base_accuracy=sum(kshot) / n,
+                                kshot_base_ci95=wilson(sum(kshot), n))  # fmt: skip
     return result

@@ -53,9 +53,17 @@ def _summary_rows(report: dict) -> list[tuple[str, str, str, str]]:
     for key, base in report.get("base", {}).items():
         tuned, change = report["tuned"][key], report["change"][key]
         rows.append((key.replace("_", " "), f"{base:.2f}", f"{tuned:.2f}", f"{change:+.1%}"))
+    prompted = report.get("base_prompted")
+    if prompted:
+        change = prompted["domain_ppl"] / report["base"]["domain_ppl"] - 1
+        rows.append((f"domain ppl, base + {prompted['prompt_tokens']} domain tokens in the prompt",
+                     f"{prompted['domain_ppl']:.2f}", "", f"{change:+.1%}"))  # fmt: skip
     for name, group in report.get("qa", {}).items():
         rows.append((f"{name} QA accuracy (n={group['questions']})", f"{group['base_accuracy']:.1%}",
                      f"{group['tuned_accuracy']:.1%}", f"{group['change']:+.1%}"))  # fmt: skip
+        if "kshot_base_accuracy" in group:
+            rows.append((f"{name} QA accuracy, base {group['kshot']}-shot", f"{group['kshot_base_accuracy']:.1%}", "",
+                         f"{group['kshot_base_accuracy'] - group['base_accuracy']:+.1%}"))  # fmt: skip
     if "general_kl" in report:
         rows.append(("KL from base on general prompts", "0", f"{report['general_kl']:.4f}", ""))
     return rows
