@@ -71,6 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("train", help="train a recipe or YAML config", epilog=config_help(),
                             formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     p.add_argument("target", help="recipes/NAME.py or a .yaml config")
+    p = commands.add_parser("preview", help="what a recipe would train: tokens, packing, an example row, memory, time",
+                            epilog=config_help(), formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    p.add_argument("target", help="recipes/NAME.py or a .yaml config")
     p = commands.add_parser("cv", help="k-fold cross-validation of a recipe or YAML config")
     p.add_argument("target", help="recipes/NAME.py or a .yaml config")
     p.add_argument("--folds", type=int, default=5, help="number of folds (default 5)")
@@ -122,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
-    if rest and args.command not in ("train", "cv", "compare"):
+    if rest and args.command not in ("train", "cv", "compare", "preview"):
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     guarded(lambda: _dispatch(args, rest))
 
@@ -130,6 +133,11 @@ def main(argv: list[str] | None = None) -> None:
 def _dispatch(args, rest: list[str]) -> None:
     if args.command == "train":
         train(load_target(args.target).override(rest))
+    elif args.command == "preview":
+        from peftkit.preview import format_preview, preview
+
+        config = load_target(args.target).override(rest)
+        print(format_preview(preview(config, log=lambda m: print(m, file=sys.stderr)), config))
     elif args.command == "cv":
         from peftkit.evaluation.cv import cross_validate, format_cv
 

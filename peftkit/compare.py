@@ -63,12 +63,21 @@ def compare(target: str, methods: list[str], out: Path, overrides: list[str], lo
         report = json.loads((run_dir / "report.json").read_text())
         rows.append(_row(method, report, peak_mb, time.perf_counter() - started))
         log(f"[{method}] " + ", ".join(f"{k}={v}" for k, v in rows[-1].items() if k != "method"))
+    rows = _merge_rows(out / "compare.json", rows)
     (out / "compare.json").write_text(json.dumps(rows, indent=2))
     (out / "compare.md").write_text(format_table(rows) + "\n")
     chart(rows, out / "compare.png")
     log(format_table(rows))
     log(f"wrote {out / 'compare.md'}, {out / 'compare.json'} and {out / 'compare.png'}")
     return rows
+
+
+def _merge_rows(path: Path, rows: list[dict]) -> list[dict]:
+    """Rows of an earlier comparison in the same folder are kept unless re-run (order: METHODS)."""
+    previous = json.loads(path.read_text()) if path.exists() else []
+    by_method = {r["method"]: r for r in previous} | {r["method"]: r for r in rows}
+    order = list(METHODS)
+    return sorted(by_method.values(), key=lambda r: order.index(r["method"]) if r["method"] in order else len(order))
 
 
 def _row(method: str, report: dict, peak_mb: float | None, wall_s: float) -> dict:

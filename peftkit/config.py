@@ -52,6 +52,7 @@ class ModelConfig:
 
 
 AUGMENTATIONS = ("token_noise", "sentence_shuffle")
+TRACKERS = ("tensorboard", "mlflow", "wandb")
 
 
 @dataclass
@@ -168,8 +169,15 @@ class TrainConfig:
     resume: bool = _f(False, "continue from the newest complete checkpoint in output_dir")
     overwrite: bool = _f(False, "allow starting a new run in an output_dir that already holds one")
     progress: bool = _f(True, "show a progress bar")
+    report_to: list[str] = _f(
+        ["tensorboard"],
+        "experiment trackers through Accelerate: tensorboard (event files in RUN_DIR/tb/), mlflow, wandb "
+        "(when installed); [] = none",
+    )
 
     def __post_init__(self):
+        unknown = sorted(set(self.report_to) - set(TRACKERS))
+        _require(not unknown, "train.report_to", f"unknown {unknown}; choose from {list(TRACKERS)} or []")
         for key in ("max_steps", "batch_size", "grad_accum", "log_every"):
             value = getattr(self, key)
             _require(value > 0, f"train.{key}", f"must be positive, got {value}")

@@ -29,17 +29,19 @@ def resolve_dtype(name: str) -> torch.dtype:
     return DTYPES[name]
 
 
-def make_accelerator(mixed_precision: str = "auto"):
+def make_accelerator(mixed_precision: str = "auto", log_with: list[str] | None = None, project_dir: Path | None = None):
     """An Accelerator on the GPU if there is one, else explicitly on the CPU.
 
     Choosing the CPU explicitly matters: without it a multi-process launch on a machine without
     GPUs does not form a process group, and each process trains alone (accelerate 1.15).
+    `log_with`: Accelerate trackers, writing under `project_dir` (TensorBoard: project_dir/tb).
     """
     from accelerate import Accelerator
 
     if mixed_precision == "auto":
         mixed_precision = "bf16" if fast_bf16() else "no"
-    return Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=mixed_precision)
+    trackers = {"log_with": list(log_with), "project_dir": str(project_dir)} if log_with else {}
+    return Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=mixed_precision, **trackers)
 
 
 def model_path(config: ModelConfig, log=lambda _: None) -> Path:

@@ -62,7 +62,7 @@ class Trainer:
 
         cfg, train = self.config, self.config.train
         resume = train.resume if resume is None else resume
-        self.accelerator = acc = models.make_accelerator(train.mixed_precision)
+        self.accelerator = acc = models.make_accelerator(train.mixed_precision, train.report_to, self.run_dir)
         checkpoint.check_unsharded(acc)
         _check_run_dir(self.run_dir, resume, train.overwrite)
 
@@ -114,6 +114,9 @@ class Trainer:
             _reset_run_dir(self.run_dir, fresh=found is None)
             cfg.save_yaml(self.run_dir / "config.yaml")
             write_manifest(self.run_dir, cfg, world)
+        if train.report_to:  # after the run folder is set up: trackers write into it
+            acc.init_trackers("tb", config=_flat(cfg.to_dict()))
+        if acc.is_main_process:
             if methods.converts_on_save(cfg.method):
                 peft_model.save_pretrained(self._initial_adapter)  # PiSSA/OLoRA: the reference for conversion
         acc.wait_for_everyone()
@@ -264,6 +267,9 @@ class Trainer:
             return
         with open(self.run_dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
+        if self.config.train.report_to:
+            scalars = {k: v for k, v in record.items() if k != "step" and isinstance(v, int | float)}
+            self.accelerator.log(scalars, step=record["step"])
         for callback in self.callbacks:
             if hasattr(callback, hook):
                 getattr(callback, hook)(self, record)
@@ -348,6 +354,8 @@ class Trainer:
             write_report_files(self.run_dir)
             self.log(format_report(report))
             self.log(f"adapter: {self.run_dir / 'adapter'}   report: {self.run_dir / 'report.html'}")
+        if self.config.train.report_to:
+            acc.end_training()  # flush and close the trackers
         acc.wait_for_everyone()
         return report
 
@@ -405,6 +413,17 @@ class Trainer:
             report["general_kl"] = forgetting.kl_from_base(self.accelerator.unwrap_model(model or self.model),
                                                            self.answers, self.accelerator)  # fmt: skip
         return report
+
+
+def _flat(config: dict, prefix: str = "") -> dict:
+    """The config as `section.key: value` scalars, the form trackers store hyperparameters in."""
+    out = {}
+    for key, value in config.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value if isinstance(value, int | float | str | bool) else str(value)
+    return out
 
 
 def _check_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:

@@ -35,3 +35,12 @@ def test_compare_rejects_unknown_methods(tiny_config, tmp_path):
                           capture_output=True, text=True)  # fmt: skip
     assert done.returncode == 2 and "unknown magic" in done.stderr and "Traceback" not in done.stderr
     assert "top_layers" in METHODS
+
+
+def test_rerunning_some_methods_keeps_the_other_rows(tmp_path):
+    from peftkit.compare import _merge_rows
+
+    path = tmp_path / "compare.json"
+    path.write_text(json.dumps([{"method": "lora", "x": 1}, {"method": "ia3", "x": 2}]))
+    rows = _merge_rows(path, [{"method": "dora", "x": 3}, {"method": "lora", "x": 4}])
+    assert rows == [{"method": "lora", "x": 4}, {"method": "dora", "x": 3}, {"method": "ia3", "x": 2}]

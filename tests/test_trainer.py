@@ -221,3 +221,23 @@ def test_report_carries_qa_for_both_groups(tiny_config, tmp_path):
     assert set(report["qa"]) == {"medical", "general"}
     assert report["qa"]["medical"]["questions"] == 5 and 0 <= report["qa"]["general"]["tuned_accuracy"] <= 1
     assert any("medical QA accuracy" in reason for reason in report["verdict"]["reasons"])
+
+
+def test_tensorboard_events_carry_the_metrics(tiny_config):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    trainer = Trainer(with_train(tiny_config, max_steps=4, report_to=["tensorboard"]), log=lambda _: None)
+    trainer.fit()
+    events = EventAccumulator(str(trainer.run_dir / "tb")).Reload()
+    records = [json.loads(line) for line in (trainer.run_dir / "metrics.jsonl").read_text().splitlines()]
+    losses = {r["step"]: r["loss"] for r in records if "loss" in r}
+    vals = {r["step"]: r["val_loss"] for r in records if "val_loss" in r}
+    assert {e.step: e.value for e in events.Scalars("loss")} == pytest.approx(losses)
+    assert {e.step: e.value for e in events.Scalars("val_loss")} == pytest.approx(vals)
+    assert "general_ppl" in events.Tags()["scalars"]
+
+
+def test_no_trackers_means_no_tb_folder(tiny_config):
+    trainer = Trainer(with_train(tiny_config, max_steps=2, report_to=[]), log=lambda _: None)
+    trainer.fit()
+    assert not (trainer.run_dir / "tb").exists()

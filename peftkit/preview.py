@@ -1,0 +1,127 @@
+"""`peftkit preview RECIPE`: what would be trained, before any training.
+
+Token counts per split, packing efficiency, the share of tokens that carry loss, the first
+training row as the model will see it, a memory estimate and the expected time, from one timed
+training step of the real model on this machine.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+
+from peftkit import data, methods, models
+from peftkit.config import Config
+
+SAMPLE_DOCS = 2000  # larger training splits are counted on a seeded sample and extrapolated
+
+
+def preview(config: Config, timed_steps: int = 2, log=print) -> dict:
+    tokenizer = models.load_tokenizer(config.model, log=log)
+    seq_len, batch = config.data.seq_len, config.train.batch_size
+    splits = {}
+    train_docs = data.load_split(config.data, "train", log=log)
+    if config.data.max_train_docs:
+        order = torch.randperm(len(train_docs), generator=torch.Generator().manual_seed(config.seed))
+        train_docs = [train_docs[i] for i in order[: config.data.max_train_docs]]
+    train_docs = data.augment_documents(train_docs, config.data, config.seed)
+    splits["train"] = _count(tokenizer, train_docs, config.seed)
+    for split in ("validation", "test"):
+        splits[split] = _count(tokenizer, data.load_split(config.data, split), config.seed)
+    general = data.load_general(config.data)
+    if general:
+        splits["general"] = _count(tokenizer, general, config.seed)
+    train_tokens = splits["train"]["tokens"] / (1 - config.data.replay)
+    rows = int(train_tokens // seq_len)
+    step_tokens = batch * config.train.grad_accum * seq_len
+    out = {
+        "splits": splits,
+        "replay_tokens": int(train_tokens - splits["train"]["tokens"]),
+        "packing_efficiency": rows * seq_len / train_tokens,  # the rest is the dropped tail of an epoch
+        "loss_token_share": (seq_len - 1) / seq_len,  # every token but a row's first is predicted
+        "rows_per_epoch": rows,
+        "tokens_per_step": step_tokens,
+        "epochs": config.train.max_steps * step_tokens / max(rows * seq_len, 1),
+        "example": _example(tokenizer, train_docs, seq_len),
+    }
+    out.update(_cost(config, tokenizer, timed_steps, log))
+    out["seconds_per_epoch"] = rows * seq_len / out["tokens_per_s"]
+    out["seconds_for_max_steps"] = config.train.max_steps * step_tokens / out["tokens_per_s"]
+    return out
+
+
+def _count(tokenizer, docs: list[str], seed: int) -> dict:
+    if len(docs) <= SAMPLE_DOCS:
+        return {"documents": len(docs), "tokens": int(sum(len(t) for t in data.tokenize(tokenizer, docs))),
+                "estimated": False}  # fmt: skip
+    pick = np.random.default_rng(seed).choice(len(docs), SAMPLE_DOCS, replace=False)
+    sample = [docs[i] for i in pick]
+    per_char = sum(len(t) for t in data.tokenize(tokenizer, sample)) / sum(len(d) for d in sample)
+    return {"documents": len(docs), "tokens": int(per_char * sum(len(d) for d in docs)), "estimated": True}
+
+
+def _example(tokenizer, docs: list[str], seq_len: int) -> str:
+    """The first training row as the model sees it; document boundaries (EOS) marked."""
+    ids = np.concatenate(data.tokenize(tokenizer, docs[:8]))[:seq_len]
+    pieces, start = [], 0
+    for end in [*np.flatnonzero(ids == tokenizer.eos_token_id).tolist(), len(ids)]:
+        pieces.append(tokenizer.decode(ids[start:end].tolist()))
+        start = end + 1
+    return " [EOS] ".join(p for p in pieces if p)
+
+
+def _cost(config: Config, tokenizer, timed_steps: int, log) -> dict:
+    """Trainable parameters, a memory estimate and tokens/s of the real training step on this machine."""
+    acc = models.make_accelerator(config.train.mixed_precision)
+    model = methods.apply(config.method, models.load_model(config.model, log=log))
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    cfg = model.config
+    batch, seq_len = config.train.batch_size, config.data.seq_len
+    # fp32 logits and their gradient dominate for large vocabularies; per layer ~16 hidden-size and
+    # 2 intermediate-size activations kept for backward (bf16/fp32 mix: 4 bytes each, a rough bound)
+    logits = 2 * batch * seq_len * cfg.vocab_size * 4
+    activations = cfg.num_hidden_layers * batch * seq_len * (16 * cfg.hidden_size + 2 * cfg.intermediate_size) * 4
+    optimizer = trainable * 4 * 3  # fp32 gradient and two Adam moments
+    model = acc.prepare(model)
+    optim = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-9)
+    timed_batch = min(batch, 2)  # tokens/s barely depends on the batch here; keep the preview quick
+    rows = torch.randint(0, len(tokenizer), (timed_batch, seq_len), device=acc.device)
+    model.train()
+    times = []
+    for _ in range(timed_steps + 1):  # the first step warms up and is not timed
+        start = time.perf_counter()
+        acc.backward(model(input_ids=rows, labels=rows).loss)
+        optim.step()
+        optim.zero_grad(set_to_none=True)
+        times.append(time.perf_counter() - start)
+    tokens_per_s = timed_batch * seq_len / (sum(times[1:]) / max(len(times) - 1, 1))
+    return {"trainable_params": trainable, "memory_estimate_mb": (weight_bytes + logits + activations + optimizer) / 2**20,
+            "tokens_per_s": tokens_per_s}  # fmt: skip
+
+
+def format_preview(p: dict, config: Config) -> str:
+    def duration(seconds: float) -> str:
+        return f"{seconds / 60:.1f} min" if seconds < 5400 else f"{seconds / 3600:.1f} h"
+
+    lines = [f"{'split':<12}{'documents':>10}{'tokens':>14}"]
+    for name, s in p["splits"].items():
+        lines.append(f"{name:<12}{s['documents']:>10,}{('~' if s['estimated'] else '') + format(s['tokens'], ','):>14}")
+    if p["replay_tokens"]:
+        lines.append(f"{'replay':<12}{'':>10}{p['replay_tokens']:>14,}   general text mixed in (data.replay)")
+    lines += [
+        f"packing: {p['rows_per_epoch']:,} rows of {config.data.seq_len} per epoch, {p['packing_efficiency']:.2%} of "
+        f"the tokens used (the rest is an epoch's last partial row), no padding",
+        f"loss on {p['loss_token_share']:.2%} of the tokens (format text: every token but a row's first)",
+        f"{config.method.name}: {p['trainable_params']:,} trainable parameters",
+        f"memory estimate: ~{p['memory_estimate_mb']:,.0f} MB, a rough upper bound (weights, optimizer state, "
+        f"activations, fp32 logits for batch {config.train.batch_size} x {config.data.seq_len})",
+        f"speed: {p['tokens_per_s']:,.0f} tokens/s measured on this machine -> one epoch "
+        f"{duration(p['seconds_per_epoch'])}; train.max_steps={config.train.max_steps} "
+        f"({p['epochs']:.2f} epochs) {duration(p['seconds_for_max_steps'])} plus evaluation",
+        "first training row:",
+        "  " + p["example"][:600].replace("\n", " ") + (" ..." if len(p["example"]) > 600 else ""),
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,33 @@
+"""`peftkit preview`: counts, packing, an example row, memory and time, before any training."""
+
+import subprocess
+import sys
+
+from peftkit import data
+from peftkit.preview import format_preview, preview
+
+
+def test_preview_counts_what_training_would_see(tiny_config):
+    import dataclasses
+
+    tiny_config = dataclasses.replace(tiny_config, data=dataclasses.replace(tiny_config.data, seq_len=128))
+    p = preview(tiny_config, timed_steps=1, log=lambda _: None)
+    train = data.load_split(tiny_config.data, "train")
+    tokenizer = __import__("peftkit").models.load_tokenizer(tiny_config.model)
+    tokens = sum(len(t) for t in data.tokenize(tokenizer, train))
+    assert p["splits"]["train"] == {"documents": len(train), "tokens": tokens, "estimated": False}
+    assert p["rows_per_epoch"] == tokens // tiny_config.data.seq_len
+    assert 0.9 < p["packing_efficiency"] <= 1 and p["loss_token_share"] == (128 - 1) / 128
+    assert p["tokens_per_s"] > 0 and p["memory_estimate_mb"] > 0 and p["trainable_params"] > 0
+    assert "[EOS]" in p["example"] and p["example"].split(" [EOS] ")[0] == train[0]
+    text = format_preview(p, tiny_config)
+    assert "packing:" in text and "tokens/s measured on this machine" in text
+
+
+def test_preview_cli_runs_on_a_yaml_config(tiny_config, tmp_path):
+    path = tmp_path / "tiny.yaml"
+    tiny_config.save_yaml(path)
+    done = subprocess.run([sys.executable, "-m", "peftkit.cli", "preview", str(path), "--data.seq_len=16"],
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "rows of 16 per epoch" in done.stdout and "first training row:" in done.stdout
