@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -62,10 +63,14 @@ def guarded(action) -> None:
     except KeyboardInterrupt:
         print("peftkit: interrupted", file=sys.stderr)
         sys.exit(130)
+    except BrokenPipeError:  # output piped into e.g. `head`, which stopped reading: not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(0)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="peftkit", description="Parameter-efficient fine-tuning, checked.")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars (also PEFTKIT_QUIET=1): for logs and CI")
     commands = parser.add_subparsers(dest="command", required=True)
 
     p = commands.add_parser("train", help="train a recipe or YAML config", epilog=config_help(),
@@ -125,6 +130,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
+    if args.quiet:
+        from peftkit.progress import set_quiet
+
+        set_quiet()
     if rest and args.command not in ("train", "cv", "compare", "preview"):
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     guarded(lambda: _dispatch(args, rest))
@@ -145,10 +154,10 @@ def _dispatch(args, rest: list[str]) -> None:
             raise PeftkitError(f"--folds {args.folds}: cross-validation needs at least 2 folds")
         print(format_cv(cross_validate(load_target(args.target).override(rest), args.folds)))
     elif args.command == "eval":
-        from peftkit.evaluation import evaluate_run, format_report
+        from peftkit.evaluation import evaluate_run
+        from peftkit.evaluation.render import print_report
 
-        report = evaluate_run(Path(args.run_dir))
-        print(format_report(report))
+        print_report(evaluate_run(Path(args.run_dir)))
     elif args.command == "generate":
         from peftkit.generate import run
 
@@ -158,11 +167,10 @@ def _dispatch(args, rest: list[str]) -> None:
             for label, text in answers.items():
                 print(f"--- {label}\n{text}")
     elif args.command == "report":
-        from peftkit.evaluation import format_report
-        from peftkit.evaluation.render import write_report_files
+        from peftkit.evaluation.render import print_report, write_report_files
 
         md, page = write_report_files(Path(args.run_dir))
-        print(format_report(json.loads((Path(args.run_dir) / "report.json").read_text())))
+        print_report(json.loads((Path(args.run_dir) / "report.json").read_text()))
         print(f"wrote {md} and {page}")
     elif args.command == "compare":
         from peftkit.compare import compare

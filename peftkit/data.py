@@ -22,6 +22,7 @@ from peftkit import assets
 from peftkit.config import DataConfig
 from peftkit.corpora import split_of
 from peftkit.errors import PeftkitError
+from peftkit.progress import bar
 
 IGNORE_INDEX = -100  # label value that carries no loss
 
@@ -109,9 +110,13 @@ def load_general(config: DataConfig, log=lambda _: None) -> list[str] | None:
 
 def tokenize(tokenizer, docs: list[str]) -> list[np.ndarray]:
     """Token ids of each document with EOS appended, so packed documents stay separated."""
-    eos = tokenizer.eos_token_id
-    ids = tokenizer(docs, add_special_tokens=False)["input_ids"]
-    return [np.asarray([*row, eos], dtype=np.int64) for row in ids]
+    eos, out, chunk = tokenizer.eos_token_id, [], 2048
+    with bar(total=len(docs), desc="tokenize", unit="doc", disable=len(docs) <= 4 * chunk, leave=False) as progress:
+        for start in range(0, len(docs), chunk):
+            ids = tokenizer(docs[start : start + chunk], add_special_tokens=False)["input_ids"]
+            out.extend(np.asarray([*row, eos], dtype=np.int64) for row in ids)
+            progress.update(len(ids))
+    return out
 
 
 def eval_rows(tokenizer, docs: list[str], seq_len: int, budget: int) -> tuple[torch.Tensor, torch.Tensor]:

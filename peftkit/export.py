@@ -20,6 +20,7 @@ import torch
 
 from peftkit.errors import PeftkitError
 from peftkit.merge import CHECK_INPUTS
+from peftkit.progress import quiet
 
 # Max |logit difference| of the reloaded GGUF against the source fp32 model, relative to the
 # largest |logit| on the check inputs. Measured on SmolLM2-135M (max |logit| ~30): f32 0 (exact),
@@ -200,7 +201,7 @@ def _write(gguf, model, config: dict, vocab: dict, path: Path, quant: str, name:
             w.add_tensor(full, data.astype(np.float16))
     w.write_header_to_file()
     w.write_kv_data_to_file()
-    w.write_tensors_to_file()
+    w.write_tensors_to_file(progress=not quiet())
     w.close()
 
 

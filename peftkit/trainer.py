@@ -1,6 +1,6 @@
 """Trainer: one explicit training loop on `accelerate.Accelerator`.
 
-    from peftkit import Config, Trainer
+    from peftkit import progress, Config, Trainer
     report = Trainer(Config(output_dir="runs/x")).fit()
 
 The loop: micro-batches of packed rows -> loss scaled for accumulation -> backward -> clip ->
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from peftkit import assets, checkpoint, data, methods, models
+from peftkit import assets, checkpoint, data, methods, models, progress
 from peftkit.config import Config
 from peftkit.dedup import find_leaks
 from peftkit.errors import PeftkitError
@@ -144,14 +144,12 @@ class Trainer:
 
     def _loop(self, loop, start: int, state: dict) -> tuple[int, str | None]:
         """Steps `start+1 .. max_steps`; returns the last step done and why it stopped early, if it did."""
-        from tqdm.auto import tqdm
-
         model, optimizer, scheduler, params, stream, val_sets = loop
         cfg, train, acc = self.config, self.config.train, self.accelerator
         world, batch, accum = acc.num_processes, train.batch_size, train.grad_accum
         tokens_per_step = self._global_batch * cfg.data.seq_len
-        bar = tqdm(total=train.max_steps, initial=start, disable=not (acc.is_main_process and train.progress),
-                   desc="train", unit="step", dynamic_ncols=True)  # fmt: skip
+        bar = progress.bar(total=train.max_steps, initial=start, desc="train", unit="step",
+                           disable=not (acc.is_main_process and train.progress))  # fmt: skip
         train_seconds, done = 0.0, start
         model.train()
         for step in range(start, train.max_steps):

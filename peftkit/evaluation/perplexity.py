@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from peftkit.data import IGNORE_INDEX
 from peftkit.methods import sequence_logits
+from peftkit.progress import bar
 
 
 @torch.no_grad()
@@ -26,8 +27,10 @@ def nll(model, input_ids: torch.Tensor, labels: torch.Tensor, batch_size: int, a
     totals = torch.zeros(2, dtype=torch.float64, device=device)
     was_training = model.training
     model.eval()
-    with autocast:
+    show = rank == 0 and len(mine) > 4 * batch_size
+    with autocast, bar(total=len(mine) * world, desc="evaluate", unit="row", disable=not show, leave=False) as progress:
         for start in range(0, len(mine), batch_size):
+            progress.update(min(batch_size, len(mine) - start) * world)
             index = mine[start : start + batch_size]
             x, y = input_ids[index].to(device), labels[index].to(device)
             logits = sequence_logits(model, x)[:, :-1]

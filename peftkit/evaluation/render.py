@@ -110,3 +110,23 @@ pre{{background:#f6f6f6;padding:1em;overflow:auto}}</style></head><body>
     html_path = run_dir / "report.html"
     html_path.write_text(page)
     return md_path, html_path
+
+
+def print_report(report: dict, file=None) -> None:
+    """The summary as rich tables in the terminal: the comparison, then the verdict and its reasons."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(file=file, width=120 if file else None)
+    table = Table(title="held-out comparison (base vs tuned)", title_justify="left")
+    for column, justify in (("metric", "left"), ("base", "right"), ("tuned", "right"), ("change", "right")):
+        table.add_column(column, justify=justify)
+    for row in _summary_rows(report):
+        table.add_row(*row)
+    console.print(table)
+    verdict = report.get("verdict")
+    if verdict:
+        style = "bold green" if verdict.get("recommend") == "tuned" else "bold yellow"
+        console.print(f"verdict: {verdict['summary']}", style=style)
+        for reason in verdict.get("reasons", []):
+            console.print(f"  - {reason}", highlight=False)
