@@ -37,7 +37,7 @@ def config() -> Config:
         data=DataConfig(source="asset:pubmed-abstracts", general_source="asset:wiki-general", seq_len=256),
         method=MethodConfig(name="lora", r=16, alpha=32, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]),
         train=TrainConfig(max_steps=12, batch_size=8, lr=5e-4, warmup_steps=2, progress=False),
-        eval=EvalConfig(every_steps=4, val_tokens=2048, test_tokens=8192, patience=2, qa_questions=40, kshot=3),
+        eval=EvalConfig(every_steps=4, val_tokens=2048, test_tokens=4096, patience=2, qa_questions=24, kshot=3),
         output_dir="runs/small_data_study",
     )
 

@@ -1,5 +1,5 @@
-"""Every command in the README parses: peftkit subcommands with their options, recipe overrides,
-and the YAML config; the scripts it names exist."""
+"""Every command in the README and docs/ parses: peftkit subcommands with their options, recipe
+overrides, and the YAML configs; the scripts they name exist."""
 
 import re
 import shlex
@@ -12,8 +12,8 @@ from peftkit import Config
 from peftkit.cli import build_parser, load_target
 
 ROOT = Path(__file__).resolve().parents[1]
-README = (ROOT / "README.md").read_text()
-BLOCKS = re.findall(r"```(\w*)\n(.*?)```", README, flags=re.S)
+PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+BLOCKS = [block for page in PAGES for block in re.findall(r"```(\w*)\n(.*?)```", page.read_text(), flags=re.S)]
 COMMANDS = [line.split("  #")[0].strip() for kind, body in BLOCKS if kind == "bash" for line in body.splitlines()
             if line.strip() and not line.startswith("#")]  # fmt: skip
 
@@ -55,3 +55,10 @@ def test_readme_yaml_config_is_valid():
     assert configs
     for data in configs:
         Config.from_dict(data)
+
+
+def test_docs_links_point_at_files_that_exist():
+    for page in PAGES:
+        for target in re.findall(r"\]\(([^)#]+)(?:#[^)]*)?\)", page.read_text()):
+            if not target.startswith("http"):
+                assert (page.parent / target).exists(), f"{page.name}: broken link {target}"
