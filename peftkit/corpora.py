@@ -13,6 +13,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from peftkit.dedup import matches
+from peftkit.progress import bar
 
 MIN_ABSTRACT_WORDS = 30  # shorter abstracts are mostly placeholders ("No abstract available") or fragments
 MIN_ARTICLE_WORDS = 50
@@ -75,7 +76,7 @@ def write_pubmed(sources: list[Path], out: Path) -> None:
     records = {split: [] for split in SPLITS}
     dropped = 0
     for source in sources:
-        for rec in iter_medline(source):
+        for rec in bar(iter_medline(source), desc=f"parse {source.name}", unit="article", leave=False):
             if not rec["pmid"] or rec["pmid"] in seen:
                 continue
             seen.add(rec["pmid"])
@@ -151,7 +152,7 @@ def iter_wiki(path: Path) -> Iterator[dict]:
 
 def write_wiki(source: Path, out: Path) -> None:
     kept, excluded = [], []
-    for page in iter_wiki(source):
+    for page in bar(iter_wiki(source), desc=f"parse {source.name}", unit="page", leave=False):
         if page["title"] in MEDICAL_TITLES or MEDICAL_CATEGORY.search(page["markup"]):
             excluded.append(page["title"])
             continue

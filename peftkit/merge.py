@@ -18,6 +18,7 @@ import torch
 from peftkit import models
 from peftkit.config import Config
 from peftkit.errors import PeftkitError
+from peftkit.progress import bar
 
 MERGE_ATOL = 1e-3  # max |logit difference| merged vs adapter model, both fp32 (typically ~1e-4)
 CHECK_INPUTS = (
@@ -69,6 +70,7 @@ def merge_runs(
                 f"{run_dir}: method {run_config.method.name} adds virtual tokens, not weight changes, so it cannot be "
                 f"merged; deploy the base model with the adapter (peftkit generate {run_dir})"
             )
+    stages = bar(total=4, desc="merge", unit="stage", leave=False)  # load, merge + check, save, done
     tokenizer = models.load_tokenizer(config.model)
     inputs = tokenizer(list(CHECK_INPUTS), return_tensors="pt", padding=True)
     quantized = config.model.quantization != "none"
@@ -90,6 +92,7 @@ def merge_runs(
     else:
         base_model = models.load_model(config.model, dtype=torch.float32)
     model = _adapter_model(base_model, run_dirs, weights, combination)
+    stages.update(1)
     with torch.no_grad():
         if not quantized:
             adapted = model(**inputs).logits
@@ -110,7 +113,9 @@ def merge_runs(
     merged_model = merged_model.to(models.DTYPES[dtype])
     partial = out.with_name(out.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
+    stages.update(1)
     merged_model.save_pretrained(partial)
+    stages.update(1)
     tokenizer.save_pretrained(partial)
     check = {"max_abs_logit_diff_vs_adapter": diff, "max_abs_logit_diff_vs_base": moved, "tolerance": tolerance,
              "quantization": config.model.quantization,
@@ -121,6 +126,8 @@ def merge_runs(
     if out.exists():
         shutil.rmtree(out)
     partial.rename(out)
+    stages.update(1)
+    stages.close()
     log(
         f"merged {', '.join(map(str, run_dirs))} into {out} ({dtype}); logits match the adapter model within {diff:.1e}"
     )

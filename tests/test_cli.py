@@ -99,3 +99,15 @@ def test_doctor_reports_the_environment(tmp_path):
     for fragment in ("packages: peftkit", "cpu: ", "gpus: ", "bf16 compute: ", "bitsandbytes: ",
                      f"asset cache: {tmp_path}", "smollm2-135m-instruct: not fetched"):  # fmt: skip
         assert fragment in result.stdout, fragment
+
+
+def test_quiet_mode_turns_progress_bars_off(monkeypatch):
+    from peftkit import progress
+
+    monkeypatch.delenv("PEFTKIT_QUIET", raising=False)
+    assert not progress.bar(total=3).disable
+    monkeypatch.setenv("PEFTKIT_QUIET", "1")
+    assert progress.bar(total=3).disable and progress.bar(range(3), desc="x").disable
+    from peftkit.cli import build_parser
+
+    assert build_parser().parse_args(["--quiet", "doctor"]).quiet

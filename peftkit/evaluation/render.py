@@ -69,6 +69,20 @@ def _summary_rows(report: dict) -> list[tuple[str, str, str, str]]:
     return rows
 
 
+def data_summary(report: dict) -> str:
+    """What the run trained on and was scored on, in one line."""
+    parts = []
+    if report.get("train_tokens"):
+        parts.append(f"{report['train_tokens']:,} training tokens ({report.get('global_batch_rows')} rows per step, "
+                     f"{report.get('processes', 1)} process(es))")  # fmt: skip
+    if report.get("method"):
+        parts.append(f"method {report['method']}, {report.get('trainable_params', 0):,} trainable parameters")
+    scored = report.get("eval_tokens", {})
+    if scored:
+        parts.append("scored: " + ", ".join(f"{name} {tokens:,} tokens" for name, tokens in scored.items()))
+    return "; ".join(parts) or "n/a"
+
+
 def write_report_files(run_dir: Path) -> tuple[Path, Path]:
     """Write RUN_DIR/loss_curves.png, report.md and report.html from report.json and metrics.jsonl."""
     run_dir = Path(run_dir)
@@ -85,8 +99,9 @@ def write_report_files(run_dir: Path) -> tuple[Path, Path]:
     md += [f"- {reason}" for reason in verdict.get("reasons", [])]
     md += ["", "| metric | base | tuned | change |", "|---|---|---|---|"]
     md += [f"| {' | '.join(row)} |" for row in rows]
+    summary = data_summary(report)
     md += ["", f"Kept checkpoint: step {report.get('adapter_step')} of {report.get('final_step')}; "
-           f"{report.get('stop_reason', '')}.", "", "![loss curves](loss_curves.png)", "",
+           f"{report.get('stop_reason', '')}.", "", f"Data: {summary}", "", "![loss curves](loss_curves.png)", "",
            "## Config", "", "```yaml", config.strip(), "```", ""]  # fmt: skip
     md_path = run_dir / "report.md"
     md_path.write_text("\n".join(md))
@@ -105,6 +120,7 @@ pre{{background:#f6f6f6;padding:1em;overflow:auto}}</style></head><body>
 <table><tr><th>metric</th><th>base</th><th>tuned</th><th>change</th></tr>{table}</table>
 <p>Kept checkpoint: step {report.get("adapter_step")} of {report.get("final_step")};
 {html.escape(str(report.get("stop_reason", "")))}.</p>
+<p>Data: {html.escape(summary)}</p>
 <img alt="loss curves" src="data:image/png;base64,{image}">
 <h2>Config</h2><pre>{html.escape(config)}</pre></body></html>"""
     html_path = run_dir / "report.html"
