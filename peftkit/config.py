@@ -59,10 +59,14 @@ TRACKERS = ("tensorboard", "mlflow", "wandb")
 class DataConfig:
     source: str = _f(
         "asset:pubmed-abstracts",
-        "domain corpus: 'asset:NAME', a .jsonl/.txt file (split by content hash), or a folder with "
-        "train.jsonl, validation.jsonl and test.jsonl",
+        "domain corpus: 'asset:NAME'; a .jsonl, .txt, .csv or .parquet file, a folder of .txt files, or a "
+        "`datasets` dataset saved with save_to_disk (split by content hash unless it has train/validation/test); "
+        "or a folder with train.jsonl, validation.jsonl and test.jsonl",
     )
-    text_field: str = _f("text", "JSONL field that holds the document text")
+    text_field: str = _f("text", "JSONL field or table column that holds the document text")
+    template: str = _f(
+        "", "build the text from several fields instead, e.g. '{title}\\n\\n{abstract}' (Python format syntax)"
+    )
     general_source: str = _f(
         "asset:wiki-general",
         "general-domain text for measuring forgetting ('asset:NAME', a .jsonl or .txt file); '' disables it",

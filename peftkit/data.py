@@ -27,38 +27,76 @@ from peftkit.progress import bar
 IGNORE_INDEX = -100  # label value that carries no loss
 
 
-def read_documents(path: Path, text_field: str = "text") -> list[str]:
-    """Documents of a .jsonl file (one object per line) or a .txt file (blank-line-separated)."""
+def read_documents(path: Path, text_field: str = "text", template: str = "") -> list[str]:
+    """Documents of a .jsonl file (one object per line), a .txt file (blank-line-separated), or a
+    .csv / .parquet table (one row per document). `template` ("{title}\n\n{abstract}") builds the
+    text from several fields instead of taking `text_field`."""
     if not path.is_file():
         raise PeftkitError(f"{path}: no such data file")
+    if path.suffix in (".csv", ".parquet"):
+        docs = [text for text in _table_texts(path, text_field, template) if text.strip()]
+    else:
+        docs = _text_file_documents(path, text_field, template)
+    if not docs:
+        raise PeftkitError(f"{path}: holds no documents")
+    return docs
+
+
+def _text_file_documents(path: Path, text_field: str, template: str) -> list[str]:
     try:
         content = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as err:
         line = path.read_bytes()[: err.start].count(b"\n") + 1
         raise PeftkitError(f"{path} line {line}: not valid UTF-8; re-encode the file as UTF-8") from None
     if path.suffix == ".txt":
-        docs = [block.strip() for block in content.split("\n\n") if block.strip()]
-    elif path.suffix == ".jsonl":
-        docs = []
-        for number, line in enumerate(content.split("\n"), 1):  # not splitlines(): text may hold U+2028
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise PeftkitError(f"{path} line {number}: malformed JSON ({err.msg}); one object per line") from None
-            if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
-                raise PeftkitError(
-                    f"{path} line {number}: no string field '{text_field}'; set data.text_field to the field "
-                    "that holds the text"
-                )
-            if record[text_field].strip():
-                docs.append(record[text_field])
-    else:
-        raise PeftkitError(f"{path}: unsupported file type '{path.suffix}'; use .jsonl or .txt")
-    if not docs:
-        raise PeftkitError(f"{path}: holds no documents")
+        return [block.strip() for block in content.split("\n\n") if block.strip()]
+    if path.suffix != ".jsonl":
+        raise PeftkitError(f"{path}: unsupported file type '{path.suffix}'; use .jsonl, .txt, .csv or .parquet")
+    docs = []
+    for number, line in enumerate(content.split("\n"), 1):  # not splitlines(): text may hold U+2028
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise PeftkitError(f"{path} line {number}: malformed JSON ({err.msg}); one object per line") from None
+        text = _record_text(record, text_field, template, f"{path} line {number}")
+        if text.strip():
+            docs.append(text)
     return docs
+
+
+def _record_text(record, text_field: str, template: str, where: str) -> str:
+    if not isinstance(record, dict):
+        raise PeftkitError(f"{where}: expected a JSON object with a '{text_field}' field")
+    if template:
+        try:
+            return template.format(**record)
+        except KeyError as err:
+            raise PeftkitError(f"{where}: no field {err} for data.template; fields here: {', '.join(record)}") from None
+    if not isinstance(record.get(text_field), str):
+        raise PeftkitError(
+            f"{where}: no string field '{text_field}'; set data.text_field to the field that holds the text"
+        )
+    return record[text_field]
+
+
+def _table_texts(path: Path, text_field: str, template: str, table=None) -> list[str]:
+    """Texts of a CSV / Parquet file or a `datasets` table, by column or template."""
+    if table is None:
+        import pyarrow.csv
+        import pyarrow.parquet
+
+        try:
+            table = pyarrow.parquet.read_table(path) if path.suffix == ".parquet" else pyarrow.csv.read_csv(path)
+        except Exception as err:  # pyarrow raises several types for unreadable files
+            raise PeftkitError(f"{path}: cannot read as {path.suffix[1:]} ({str(err).splitlines()[0]})") from None
+    columns = list(table.column_names)
+    if not template:
+        if text_field not in columns:
+            raise PeftkitError(f"{path}: no column '{text_field}' (columns: {', '.join(columns)}); set data.text_field")
+        return [t if isinstance(t, str) else "" for t in table.column(text_field).to_pylist()]
+    return [_record_text(row, text_field, template, f"{path} row {i + 1}") for i, row in enumerate(table.to_pylist())]
 
 
 def load_split(config: DataConfig, split: str, log=lambda _: None) -> list[str]:
@@ -85,17 +123,52 @@ def fold_of(text: str, folds: int) -> int:
 
 def _source_split(config: DataConfig, split: str, log=lambda _: None) -> list[str]:
     path = assets.resolve(config.source, log=log)
-    if path.is_dir():
+    if path.is_dir() and (path / "train.jsonl").exists():
         file = path / f"{split}.jsonl"
         if not file.exists():
             raise PeftkitError(f"data.source: {path} has no {split}.jsonl; a folder source needs train, "
                                "validation and test .jsonl files, or point data.source at one file")  # fmt: skip
-        return read_documents(file, config.text_field)
-    docs = [d for d in read_documents(path, config.text_field)
-            if split_of("text:" + d, config.validation_share, config.test_share) == split]  # fmt: skip
+        return read_documents(file, config.text_field, config.template)
+    if path.is_dir() and any((path / name).exists() for name in ("dataset_info.json", "dataset_dict.json")):
+        docs, presplit = _saved_dataset(path, split, config)
+        if presplit:
+            return docs
+    elif path.is_dir():
+        files = sorted(path.rglob("*.txt"))
+        if not files:
+            raise PeftkitError(f"data.source: {path} holds no train.jsonl, saved dataset or .txt files")
+        docs = [text for text in (_whole_file(f) for f in files) if text]  # one document per file
+    else:
+        docs = read_documents(path, config.text_field, config.template)
+    docs = [d for d in docs if split_of("text:" + d, config.validation_share, config.test_share) == split]
     if not docs:
         raise PeftkitError(f"data.source: {path} gives an empty {split} split; add documents")
     return docs
+
+
+def _whole_file(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8").strip()
+    except UnicodeDecodeError as err:
+        line = path.read_bytes()[: err.start].count(b"\n") + 1
+        raise PeftkitError(f"{path} line {line}: not valid UTF-8; re-encode the file as UTF-8") from None
+
+
+def _saved_dataset(path: Path, split: str, config: DataConfig) -> tuple[list[str], bool]:
+    """A `datasets` dataset saved with save_to_disk: its own train/validation/test splits when it has
+    them (True), else all its rows, to be split by content hash (False)."""
+    import datasets
+
+    loaded = datasets.load_from_disk(str(path))
+    if isinstance(loaded, datasets.DatasetDict):
+        if {"train", "validation", "test"} <= set(loaded):
+            texts = _table_texts(path / split, config.text_field, config.template, loaded[split].data.table)
+            return [t for t in texts if t.strip()], True
+        if set(loaded) != {"train"}:
+            raise PeftkitError(f"data.source: {path} has splits {sorted(loaded)}; use train, validation and test, "
+                               "or a single train split to be divided by content hash")  # fmt: skip
+        loaded = loaded["train"]
+    return [t for t in _table_texts(path, config.text_field, config.template, loaded.data.table) if t.strip()], False
 
 
 def load_general(config: DataConfig, log=lambda _: None) -> list[str] | None:

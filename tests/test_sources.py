@@ -1,0 +1,84 @@
+"""Data sources: JSONL, text, CSV, Parquet, a folder of text files and a saved `datasets` dataset,
+with a text field or a template over several fields, and errors that say where."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from peftkit.config import DataConfig
+from peftkit.data import load_split, read_documents
+from peftkit.errors import PeftkitError
+
+ROWS = [{"title": f"Title {i}", "abstract": f"Abstract number {i} about aspirin.", "text": f"doc {i} text"}
+        for i in range(60)]  # fmt: skip
+
+
+def all_splits(config: DataConfig) -> dict[str, list[str]]:
+    return {split: load_split(config, split) for split in ("train", "validation", "test")}
+
+
+def test_csv_and_parquet_give_the_same_documents_as_jsonl(tmp_path):
+    import pyarrow as pa
+    import pyarrow.csv
+    import pyarrow.parquet
+
+    table = pa.Table.from_pylist(ROWS)
+    pyarrow.csv.write_csv(table, tmp_path / "docs.csv")
+    pyarrow.parquet.write_table(table, tmp_path / "docs.parquet")
+    (tmp_path / "docs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    expected = [r["text"] for r in ROWS]
+    for name in ("docs.csv", "docs.parquet", "docs.jsonl"):
+        assert read_documents(tmp_path / name) == expected
+        templated = read_documents(tmp_path / name, template="{title}\n\n{abstract}")
+        assert templated[3] == "Title 3\n\nAbstract number 3 about aspirin."
+    splits = all_splits(DataConfig(source=str(tmp_path / "docs.parquet"), validation_share=0.2, test_share=0.2))
+    assert sorted(sum(splits.values(), [])) == sorted(expected) and all(splits.values())
+    assert splits == all_splits(DataConfig(source=str(tmp_path / "docs.csv"), validation_share=0.2, test_share=0.2))
+
+
+def test_a_folder_of_text_files_is_one_document_per_file(tmp_path):
+    for i in range(40):
+        (tmp_path / f"note{i:02d}.txt").write_text(f"Note {i}.\n\nSecond paragraph of note {i}.\n")
+    splits = all_splits(DataConfig(source=str(tmp_path), validation_share=0.2, test_share=0.2))
+    docs = sum(splits.values(), [])
+    assert len(docs) == 40 and "Note 7.\n\nSecond paragraph of note 7." in docs
+
+
+def test_a_saved_datasets_dataset_keeps_its_own_splits_or_is_hash_split(tmp_path):
+    import datasets
+
+    three = datasets.DatasetDict({split: datasets.Dataset.from_list(ROWS[i * 20 : (i + 1) * 20])
+                                  for i, split in enumerate(["train", "validation", "test"])})  # fmt: skip
+    three.save_to_disk(str(tmp_path / "three"))
+    splits = all_splits(DataConfig(source=str(tmp_path / "three")))
+    assert splits["validation"] == [r["text"] for r in ROWS[20:40]]
+    one = datasets.Dataset.from_list(ROWS)
+    one.save_to_disk(str(tmp_path / "one"))
+    hashed = all_splits(DataConfig(source=str(tmp_path / "one"), template="{title}", validation_share=0.2,
+                                   test_share=0.2))  # fmt: skip
+    assert sorted(sum(hashed.values(), [])) == sorted(r["title"] for r in ROWS)
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda p: p.write_text("text,other\n"), "holds no documents"),
+        (lambda p: p.write_text("other\nvalue\n"), "no column 'text' \\(columns: other\\); set data.text_field"),
+    ],
+)
+def test_bad_tables_say_what_is_wrong(tmp_path, make, message):
+    path = tmp_path / "bad.csv"
+    make(path)
+    with pytest.raises(PeftkitError, match=message):
+        read_documents(path)
+
+
+def test_a_template_naming_a_missing_field_says_which_and_where(tmp_path):
+    path = tmp_path / "docs.jsonl"
+    path.write_text(json.dumps({"title": "a"}) + "\n")
+    with pytest.raises(
+        PeftkitError, match=r"docs.jsonl line 1: no field 'abstract' for data.template; fields here: title"
+    ):
+        read_documents(path, template="{title} {abstract}")
