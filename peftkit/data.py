@@ -123,7 +123,7 @@ def fold_of(text: str, folds: int) -> int:
 
 def _source_split(config: DataConfig, split: str, log=lambda _: None) -> list[str]:
     path = assets.resolve(config.source, log=log)
-    if path.is_dir() and (path / "train.jsonl").exists():
+    if path.is_dir() and any((path / f"{name}.jsonl").exists() for name in ("train", "validation", "test")):
         file = path / f"{split}.jsonl"
         if not file.exists():
             raise PeftkitError(f"data.source: {path} has no {split}.jsonl; a folder source needs train, "

@@ -116,7 +116,7 @@ def test_bad_corpora(name, train_text, fragment, finished_run, tiny_config, corp
 
 def test_other_bad_sources(finished_run, tiny_config, tmp_path, capsys):
     before = snapshot(finished_run)
-    csv = tmp_path / "corpus.csv"
+    csv = tmp_path / "corpus.xlsx"
     csv.write_text("text\nthe patient\n")
     from peftkit.corpora import split_of
 
@@ -124,7 +124,7 @@ def test_other_bad_sources(finished_run, tiny_config, tmp_path, capsys):
                   if split_of("text:" + d) == "train"]  # fmt: skip
     single = write_jsonl(tmp_path / "one.jsonl", train_only)  # every document hashes into train
     cases = [
-        (dict(source=str(csv)), "unsupported file type '.csv'; use .jsonl or .txt"),
+        (dict(source=str(csv)), "unsupported file type '.xlsx'; use .jsonl, .txt, .csv or .parquet"),
         (dict(source=str(single)), "one.jsonl gives an empty validation split; add documents"),
         (dict(general_source=str(tmp_path / "missing.jsonl")), "missing.jsonl: no such data file"),
     ]
