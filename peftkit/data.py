@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import random
 import re
 from pathlib import Path
@@ -298,3 +299,37 @@ def replay_documents(general: list[str], tokenizer, reserved_tokens: int, wanted
         picked.append(ids)
         total += len(ids)
     return picked
+
+
+def tokenize_cached(tokenizer, docs: list[str], log=lambda _: None) -> list[np.ndarray]:
+    """`tokenize`, remembered in $PEFTKIT_CACHE/tokens/ under a key made of the documents' text (so the
+    files' content and every data setting that shapes them) and the tokenizer's full definition:
+    a second run starts at once, and a change to any of them tokenises again."""
+    if len(docs) < 1000:  # small corpora tokenise in well under a second
+        return tokenize(tokenizer, docs)
+    digest = hashlib.sha256()
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    digest.update((backend.to_str() if backend is not None else repr(tokenizer)).encode())
+    digest.update(f"eos={tokenizer.eos_token_id}".encode())
+    for doc in docs:
+        digest.update(doc.encode("utf-8", "surrogatepass"))
+        digest.update(b"\0")
+    path = assets.cache_dir() / "tokens" / f"{digest.hexdigest()[:32]}.npz"
+    if path.exists():
+        try:
+            with np.load(path) as stored:
+                flat, ends = stored["flat"], stored["ends"]
+            if len(ends) == len(docs):
+                log(f"tokenised documents from the cache ({path.name})")
+                return np.split(flat, ends[:-1])
+        except (OSError, ValueError, KeyError):
+            pass  # a damaged cache entry is rebuilt below
+    tokens = tokenize(tokenizer, docs)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f"{path.stem}.{os.getpid()}.tmp.npz")
+    try:
+        np.savez(partial, flat=np.concatenate(tokens), ends=np.cumsum([len(t) for t in tokens]))
+        os.replace(partial, path)
+    except OSError:  # a full or read-only cache never stops training
+        partial.unlink(missing_ok=True)
+    return tokens

@@ -230,7 +230,7 @@ class Trainer:
             order = torch.randperm(len(docs), generator=torch.Generator().manual_seed(cfg.seed))
             docs = [docs[i] for i in order[: cfg.data.max_train_docs]]
         self.train_docs = docs  # the corpus as given: memorisation and leakage checks look at these
-        tokens = data.tokenize(self.tokenizer, data.augment_documents(docs, cfg.data, cfg.seed))
+        tokens = data.tokenize_cached(self.tokenizer, data.augment_documents(docs, cfg.data, cfg.seed), self.log)
         if len(tokens) > len(docs):
             self.log(f"sentence_shuffle: {len(tokens) - len(docs):,} reordered copies added to {len(docs):,} documents")
         if cfg.data.replay:

@@ -82,3 +82,32 @@ def test_a_template_naming_a_missing_field_says_which_and_where(tmp_path):
         PeftkitError, match=r"docs.jsonl line 1: no field 'abstract' for data.template; fields here: title"
     ):
         read_documents(path, template="{title} {abstract}")
+
+
+def test_tokenisation_cache_is_keyed_by_documents_and_tokenizer(tmp_path, monkeypatch):
+    import random
+
+    import numpy as np
+
+    from peftkit import data
+    from tests.conftest import build_tokenizer, make_doc
+
+    monkeypatch.setenv("PEFTKIT_CACHE", str(tmp_path))
+    calls = []
+    real = data.tokenize
+    monkeypatch.setattr(data, "tokenize", lambda tok, docs: calls.append(len(docs)) or real(tok, docs))
+    rng = random.Random(0)
+    docs = [make_doc(rng) for _ in range(1200)]
+    tokenizer = build_tokenizer()
+    first = data.tokenize_cached(tokenizer, docs)
+    again = data.tokenize_cached(tokenizer, docs)
+    assert calls == [1200] and all(np.array_equal(a, b) for a, b in zip(first, again, strict=True))
+    assert len(list((tmp_path / "tokens").glob("*.npz"))) == 1
+    data.tokenize_cached(tokenizer, docs[:-1] + [docs[-1] + " aspirin"])  # one document changed
+    tokenizer.add_tokens(["aspirin-like"])  # the tokenizer changed
+    data.tokenize_cached(tokenizer, docs)
+    assert calls == [1200, 1200, 1200]
+    for entry in (tmp_path / "tokens").glob("*.npz"):
+        entry.write_bytes(b"damaged")
+    assert len(data.tokenize_cached(build_tokenizer(), docs)) == 1200 and calls[-1] == 1200  # rebuilt, no error
+    assert len(calls) == 4
