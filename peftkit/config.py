@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -138,6 +139,9 @@ class MethodConfig:
     lora_plus_ratio: float = _f(0.0, "LoRA+: learning rate of the B matrices = ratio x train.lr (e.g. 16); 0 = off")
     virtual_tokens: int = _f(20, "prompt_tuning / prefix_tuning: number of trained virtual tokens")
     top_layers: int = _f(2, "top_layers: how many of the last transformer blocks to unfreeze")
+    unfreeze_pattern: str = _f(
+        "", "top_layers: train the weights of modules whose name matches this regex instead (e.g. 'mlp|norm')"
+    )
     neftune_alpha: float = _f(0.0, "NEFTune: uniform noise of scale alpha / sqrt(length x hidden) on input embeddings in training; 0 = off")  # fmt: skip
 
     def __post_init__(self):
@@ -152,6 +156,11 @@ class MethodConfig:
         _require(self.lora_plus_ratio == 0 or self.lora_plus_ratio >= 1, "method.lora_plus_ratio",
                  f"must be 0 (off) or >= 1 (B learns faster than A), got {self.lora_plus_ratio}")  # fmt: skip
         _require(self.neftune_alpha >= 0, "method.neftune_alpha", f"must be >= 0, got {self.neftune_alpha}")
+        if self.unfreeze_pattern:
+            try:
+                re.compile(self.unfreeze_pattern)
+            except re.error as err:
+                _require(False, "method.unfreeze_pattern", f"not a valid regular expression ({err})")
 
 
 @dataclass

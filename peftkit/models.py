@@ -78,9 +78,16 @@ def load_model(config: ModelConfig, dtype: torch.dtype | None = None, log=lambda
     path = model_path(config, log)
     safetensors = any(path.glob("*.safetensors"))  # else allow_pickle was given: transformers uses weights_only
     extra = {"quantization_config": quantization_config(config, dtype)} if config.quantization != "none" else {}
-    return AutoModelForCausalLM.from_pretrained(
-        path, dtype=dtype, use_safetensors=safetensors, trust_remote_code=config.trust_remote_code, **extra
-    )
+    try:
+        return AutoModelForCausalLM.from_pretrained(
+            path, dtype=dtype, use_safetensors=safetensors, trust_remote_code=config.trust_remote_code, **extra
+        )
+    except (RuntimeError, ValueError, ImportError) as err:
+        if not extra:
+            raise
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise PeftkitError(f"model.quantization={config.quantization}: bitsandbytes cannot quantize on this machine "
+                           f"({first}); set model.quantization=none (peftkit doctor shows what works)") from None  # fmt: skip
 
 
 def quantization_config(config: ModelConfig, dtype: torch.dtype):

@@ -232,3 +232,22 @@ def test_qlora_trains_on_a_quantized_base_and_merges_into_its_dequantized_weight
     assert right < QUANTIZED_MERGE_SHARE[quantization] * quantization_error, (right, quantization_error)
     if quantization == "nf4":  # 4-bit weights are far from the originals; int8 weights are close to them
         assert right < 0.1 * trap, (right, trap)
+
+
+def test_unfreeze_pattern_trains_exactly_the_matching_modules(tiny_model_dir, tiny_config, tmp_path):
+    config = MethodConfig(name="top_layers", unfreeze_pattern=r"mlp\.(up|down)_proj")
+    model = methods.apply(config, AutoModelForCausalLM.from_pretrained(tiny_model_dir))
+    names = {n.split(".modules_to_save")[0] for n, p in model.named_parameters() if p.requires_grad}
+    assert names == {f"base_model.model.model.layers.{i}.mlp.{m}" for i in (0, 1) for m in ("up_proj", "down_proj")}
+    for pattern, message in [("no_such_module", "matches no module"), (".", "matches every module")]:
+        with pytest.raises(PeftkitError, match=message):
+            methods.apply(MethodConfig(name="top_layers", unfreeze_pattern=pattern),
+                          AutoModelForCausalLM.from_pretrained(tiny_model_dir))  # fmt: skip
+    with pytest.raises(PeftkitError, match="method.unfreeze_pattern"):
+        Config.from_dict({"method": {"unfreeze_pattern": "("}})
+    # and it trains, saves, reloads and merges like every other method
+    run = method_config(tiny_config, "top_layers", tmp_path)
+    run = dataclasses.replace(run, method=config)
+    Trainer(run, log=lambda _: None).fit()
+    check = merge_run(run.output_dir, tmp_path / "merged", log=lambda _: None)
+    assert check["max_abs_logit_diff_vs_adapter"] <= MERGE_ATOL and check["max_abs_logit_diff_vs_base"] > 0

@@ -5,10 +5,15 @@ Built on peft's `modules_to_save` so it behaves like every other method: the tra
 those blocks' weights are the "adapter" (saved, reloaded with plain peft, merged by replacing the
 originals) and `disable_adapter()` gives back the untouched base for the guard's comparisons.
 peft needs at least one adapted module to build a model; the carrier is an IA3 scaling vector on
-one projection of the bottom block, kept frozen at its initial value of exactly 1 (an identity).
+one frozen linear layer, kept frozen at its initial value of exactly 1 (an identity).
+`method.unfreeze_pattern` (a regex over module names) chooses the trained modules instead.
 """
 
 from __future__ import annotations
+
+import re
+
+import torch
 
 from peftkit.errors import PeftkitError
 from peftkit.methods import get_peft_model, register
@@ -26,16 +31,40 @@ def top_block_modules(model, n: int) -> tuple[list[str], int]:
     return names, blocks
 
 
+def pattern_modules(model, pattern: str) -> list[str]:
+    """Full names of the leaf modules with weights whose name matches `pattern` (re.search)."""
+    regex = re.compile(pattern)
+    names = [name for name, module in model.named_modules()
+             if not list(module.children()) and any(True for _ in module.parameters(recurse=False))
+             and regex.search(name)]  # fmt: skip
+    if not names:
+        raise PeftkitError(f"method.unfreeze_pattern {pattern!r} matches no module with weights (e.g. 'layers.29.mlp')")
+    if len(names) == sum(
+        1 for _, m in model.named_modules() if not list(m.children()) and any(True for _ in m.parameters(recurse=False))
+    ):
+        raise PeftkitError(f"method.unfreeze_pattern {pattern!r} matches every module; that is full fine-tuning")
+    return names
+
+
 @register("top_layers")
 def build_top_layers(config, model):
     from peft import IA3Config
 
-    modules, blocks = top_block_modules(model, config.top_layers)
-    if config.top_layers == blocks:
-        raise PeftkitError(f"method.top_layers={blocks} unfreezes every block; that is full fine-tuning, choose fewer")
-    carrier = next((name for name, _ in model.named_modules() if name.endswith("layers.0.self_attn.v_proj")), None)
+    if config.unfreeze_pattern:
+        modules = pattern_modules(model, config.unfreeze_pattern)
+    else:
+        modules, blocks = top_block_modules(model, config.top_layers)
+        if config.top_layers == blocks:
+            raise PeftkitError(
+                f"method.top_layers={blocks} unfreezes every block; that is full fine-tuning, choose fewer"
+            )
+    trained = set(modules)
+    carrier = next((name for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)
+                    and ".layers." in f".{name}" and name not in trained), None)  # fmt: skip
     if carrier is None:
-        raise PeftkitError("method.top_layers: supported for Llama-style models (blocks under layers.N with v_proj)")
+        raise PeftkitError(
+            "method.top_layers: needs a model with blocks under layers.N and one linear layer left frozen"
+        )
     peft_model = get_peft_model(model, IA3Config(target_modules=[carrier], feedforward_modules=[], modules_to_save=modules,
                                                  task_type="CAUSAL_LM"), "method.top_layers")  # fmt: skip
     for name, param in peft_model.named_parameters():
