@@ -130,9 +130,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
-    if args.quiet:
-        from peftkit.progress import set_quiet
+    from peftkit.progress import quiet, set_quiet
 
+    if args.quiet or quiet():
         set_quiet()
     if rest and args.command not in ("train", "cv", "compare", "preview"):
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
