@@ -68,6 +68,19 @@ class DataConfig:
     template: str = _f(
         "", "build the text from several fields instead, e.g. '{title}\\n\\n{abstract}' (Python format syntax)"
     )
+    format: str = _f(
+        "text",
+        "text (continued pretraining: loss on every token), instruction (prompt/response fields) or chat (a "
+        "messages list, rendered with the tokenizer's chat template); the last two train on responses only",
+        ("text", "instruction", "chat"),
+    )
+    prompt_field: str = _f("prompt", "instruction format: field with the prompt")
+    prompt_template: str = _f(
+        "", "instruction format: build the prompt from fields instead, e.g. 'Write the abstract of: {title}'"
+    )
+    response_field: str = _f("response", "instruction format: field with the response")
+    messages_field: str = _f("messages", "chat format: field with the list of {role, content} messages")
+    train_on_prompt: bool = _f(False, "instruction / chat: also put loss on prompt and user tokens")
     general_source: str = _f(
         "asset:wiki-general",
         "general-domain text for measuring forgetting ('asset:NAME', a .jsonl or .txt file); '' disables it",
@@ -100,6 +113,8 @@ class DataConfig:
         unknown = sorted(set(self.augment) - set(AUGMENTATIONS))
         _require(not unknown, "data.augment", f"unknown {unknown}; choose from {list(AUGMENTATIONS)}")
         _require(0 < self.token_noise < 1, "data.token_noise", f"must be in (0, 1), got {self.token_noise}")
+        _require(self.format == "text" or "sentence_shuffle" not in self.augment, "data.augment",
+                 "sentence_shuffle applies to format text only (it would reorder prompts and answers)")  # fmt: skip
         _require(
             self.max_train_docs is None or self.max_train_docs > 0,
             "data.max_train_docs",

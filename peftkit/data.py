@@ -28,28 +28,36 @@ from peftkit.progress import bar
 IGNORE_INDEX = -100  # label value that carries no loss
 
 
-def read_documents(path: Path, text_field: str = "text", template: str = "") -> list[str]:
+def read_documents(
+    path: Path, text_field: str = "text", template: str = "", config: DataConfig | None = None
+) -> list[str]:
     """Documents of a .jsonl file (one object per line), a .txt file (blank-line-separated), or a
     .csv / .parquet table (one row per document). `template` ("{title}\n\n{abstract}") builds the
-    text from several fields instead of taking `text_field`."""
+    text from several fields instead of taking `text_field`. With `config` in the instruction or chat
+    format, each document is an example: its messages as a JSON list (see `encode`)."""
+    spec = config or DataConfig(text_field=text_field, template=template)
     if not path.is_file():
         raise PeftkitError(f"{path}: no such data file")
     if path.suffix in (".csv", ".parquet"):
-        docs = [text for text in _table_texts(path, text_field, template) if text.strip()]
+        docs = [text for text in _table_texts(path, spec) if text.strip()]
     else:
-        docs = _text_file_documents(path, text_field, template)
+        docs = _text_file_documents(path, spec)
     if not docs:
         raise PeftkitError(f"{path}: holds no documents")
     return docs
 
 
-def _text_file_documents(path: Path, text_field: str, template: str) -> list[str]:
+def _text_file_documents(path: Path, spec: DataConfig) -> list[str]:
     try:
         content = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as err:
         line = path.read_bytes()[: err.start].count(b"\n") + 1
         raise PeftkitError(f"{path} line {line}: not valid UTF-8; re-encode the file as UTF-8") from None
     if path.suffix == ".txt":
+        if spec.format != "text":
+            raise PeftkitError(
+                f"{path}: a .txt file holds plain text; data.format={spec.format} needs .jsonl or a table"
+            )
         return [block.strip() for block in content.split("\n\n") if block.strip()]
     if path.suffix != ".jsonl":
         raise PeftkitError(f"{path}: unsupported file type '{path.suffix}'; use .jsonl, .txt, .csv or .parquet")
@@ -61,29 +69,51 @@ def _text_file_documents(path: Path, text_field: str, template: str) -> list[str
             record = json.loads(line)
         except json.JSONDecodeError as err:
             raise PeftkitError(f"{path} line {number}: malformed JSON ({err.msg}); one object per line") from None
-        text = _record_text(record, text_field, template, f"{path} line {number}")
+        text = _record_doc(record, spec, f"{path} line {number}")
         if text.strip():
             docs.append(text)
     return docs
 
 
-def _record_text(record, text_field: str, template: str, where: str) -> str:
+def _record_doc(record, spec: DataConfig, where: str) -> str:
+    """One record as a document: its text, or for instruction/chat its messages as a JSON list."""
     if not isinstance(record, dict):
-        raise PeftkitError(f"{where}: expected a JSON object with a '{text_field}' field")
+        raise PeftkitError(f"{where}: expected a JSON object, got {type(record).__name__}")
+    if spec.format == "instruction":
+        prompt = _field_or_template(record, spec.prompt_field, spec.prompt_template, "data.prompt_template", where)
+        response = _field_or_template(record, spec.response_field, "", "", where)
+        return json.dumps([{"role": "user", "content": prompt}, {"role": "assistant", "content": response}])
+    if spec.format == "chat":
+        messages = record.get(spec.messages_field)
+        if not isinstance(messages, list) or not all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+            for m in messages
+        ):
+            raise PeftkitError(f"{where}: field '{spec.messages_field}' must be a list of {{role, content}} messages; "
+                               "set data.messages_field")  # fmt: skip
+        if not any(m["role"] == "assistant" for m in messages):
+            raise PeftkitError(f"{where}: a chat example without an assistant turn has nothing to learn; "
+                               "add the answer or drop the example")  # fmt: skip
+        return json.dumps([{"role": m["role"], "content": m["content"]} for m in messages])
+    return _field_or_template(record, spec.text_field, spec.template, "data.template", where)
+
+
+def _field_or_template(record: dict, field: str, template: str, template_key: str, where: str) -> str:
     if template:
         try:
             return template.format(**record)
         except KeyError as err:
-            raise PeftkitError(f"{where}: no field {err} for data.template; fields here: {', '.join(record)}") from None
-    if not isinstance(record.get(text_field), str):
-        raise PeftkitError(
-            f"{where}: no string field '{text_field}'; set data.text_field to the field that holds the text"
-        )
-    return record[text_field]
+            raise PeftkitError(
+                f"{where}: no field {err} for {template_key}; fields here: {', '.join(record)}"
+            ) from None
+    if not isinstance(record.get(field), str):
+        key = {"text": "data.text_field"}.get(field, "the data.*_field setting")
+        raise PeftkitError(f"{where}: no string field '{field}'; set {key} to the field that holds it")
+    return record[field]
 
 
-def _table_texts(path: Path, text_field: str, template: str, table=None) -> list[str]:
-    """Texts of a CSV / Parquet file or a `datasets` table, by column or template."""
+def _table_texts(path: Path, spec: DataConfig, table=None) -> list[str]:
+    """Documents of a CSV / Parquet file or a `datasets` table, by column, template or format."""
     if table is None:
         import pyarrow.csv
         import pyarrow.parquet
@@ -93,11 +123,13 @@ def _table_texts(path: Path, text_field: str, template: str, table=None) -> list
         except Exception as err:  # pyarrow raises several types for unreadable files
             raise PeftkitError(f"{path}: cannot read as {path.suffix[1:]} ({str(err).splitlines()[0]})") from None
     columns = list(table.column_names)
-    if not template:
-        if text_field not in columns:
-            raise PeftkitError(f"{path}: no column '{text_field}' (columns: {', '.join(columns)}); set data.text_field")
-        return [t if isinstance(t, str) else "" for t in table.column(text_field).to_pylist()]
-    return [_record_text(row, text_field, template, f"{path} row {i + 1}") for i, row in enumerate(table.to_pylist())]
+    if spec.format == "text" and not spec.template:
+        if spec.text_field not in columns:
+            raise PeftkitError(
+                f"{path}: no column '{spec.text_field}' (columns: {', '.join(columns)}); set data.text_field"
+            )
+        return [t if isinstance(t, str) else "" for t in table.column(spec.text_field).to_pylist()]
+    return [_record_doc(row, spec, f"{path} row {i + 1}") for i, row in enumerate(table.to_pylist())]
 
 
 def load_split(config: DataConfig, split: str, log=lambda _: None) -> list[str]:
@@ -129,18 +161,22 @@ def _source_split(config: DataConfig, split: str, log=lambda _: None) -> list[st
         if not file.exists():
             raise PeftkitError(f"data.source: {path} has no {split}.jsonl; a folder source needs train, "
                                "validation and test .jsonl files, or point data.source at one file")  # fmt: skip
-        return read_documents(file, config.text_field, config.template)
+        return read_documents(file, config=config)
     if path.is_dir() and any((path / name).exists() for name in ("dataset_info.json", "dataset_dict.json")):
         docs, presplit = _saved_dataset(path, split, config)
         if presplit:
             return docs
     elif path.is_dir():
         files = sorted(path.rglob("*.txt"))
+        if files and config.format != "text":
+            raise PeftkitError(
+                f"data.source: {path} holds .txt files; data.format={config.format} needs .jsonl or a table"
+            )
         if not files:
             raise PeftkitError(f"data.source: {path} holds no train.jsonl, saved dataset or .txt files")
         docs = [text for text in (_whole_file(f) for f in files) if text]  # one document per file
     else:
-        docs = read_documents(path, config.text_field, config.template)
+        docs = read_documents(path, config=config)
     docs = [d for d in docs if split_of("text:" + d, config.validation_share, config.test_share) == split]
     if not docs:
         raise PeftkitError(f"data.source: {path} gives an empty {split} split; add documents")
@@ -163,13 +199,13 @@ def _saved_dataset(path: Path, split: str, config: DataConfig) -> tuple[list[str
     loaded = datasets.load_from_disk(str(path))
     if isinstance(loaded, datasets.DatasetDict):
         if {"train", "validation", "test"} <= set(loaded):
-            texts = _table_texts(path / split, config.text_field, config.template, loaded[split].data.table)
+            texts = _table_texts(path / split, config, loaded[split].data.table)
             return [t for t in texts if t.strip()], True
         if set(loaded) != {"train"}:
             raise PeftkitError(f"data.source: {path} has splits {sorted(loaded)}; use train, validation and test, "
                                "or a single train split to be divided by content hash")  # fmt: skip
         loaded = loaded["train"]
-    return [t for t in _table_texts(path, config.text_field, config.template, loaded.data.table) if t.strip()], False
+    return [t for t in _table_texts(path, config, loaded.data.table) if t.strip()], False
 
 
 def load_general(config: DataConfig, log=lambda _: None) -> list[str] | None:
@@ -193,56 +229,130 @@ def tokenize(tokenizer, docs: list[str]) -> list[np.ndarray]:
     return out
 
 
-def eval_rows(tokenizer, docs: list[str], seq_len: int, budget: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The first `budget` tokens of `docs` (in order) packed into rows, with labels.
+def eval_rows(tokenizer, docs: list[str], seq_len: int, budget: int, config: DataConfig | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """The first `budget` tokens of `docs` (in order) packed into rows, with labels (in the
+    instruction and chat formats, -100 on prompts, as in training).
 
     A last, partial row is padded and its padding carries no loss, so short sets are scored whole.
     """
     pieces, total = [], 0
     for start in range(0, len(docs), 64):  # tokenize only as much as the budget needs
-        for ids in tokenize(tokenizer, docs[start : start + 64]):
-            pieces.append(ids)
+        for ids, labels in encode(tokenizer, docs[start : start + 64], config):
+            pieces.append((ids, labels))
             total += len(ids)
         if total >= budget:
             break
-    flat = np.concatenate(pieces)[:budget]
+    flat = np.concatenate([p[0] for p in pieces])[:budget]
+    flat_labels = np.concatenate([p[1] for p in pieces])[:budget]
     n_rows = -(-len(flat) // seq_len)
     input_ids = np.full(n_rows * seq_len, tokenizer.pad_token_id, dtype=np.int64)
     labels = np.full(n_rows * seq_len, IGNORE_INDEX, dtype=np.int64)
     input_ids[: len(flat)] = flat
-    labels[: len(flat)] = flat
+    labels[: len(flat)] = flat_labels
     return torch.from_numpy(input_ids).view(n_rows, seq_len), torch.from_numpy(labels).view(n_rows, seq_len)
+
+
+def encode(tokenizer, docs: list[str], config: DataConfig | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(input ids, labels) of each document.
+
+    Text format: the tokens with EOS appended; every token carries loss. Instruction and chat: the
+    messages rendered with the tokenizer's chat template (or "prompt\n" + response when it has
+    none); labels are -100 outside the assistant turns unless `data.train_on_prompt`, and every
+    example ends with EOS inside the loss, so the tuned model learns to stop.
+    """
+    if config is None or config.format == "text":
+        return [(ids, ids) for ids in tokenize(tokenizer, docs)]
+    out = []
+    for doc in bar(docs, desc="encode", unit="example", disable=len(docs) < 2000, leave=False):
+        ids, labels = _encode_example(tokenizer, json.loads(doc), config)
+        out.append((np.asarray(ids, dtype=np.int64), np.asarray(labels, dtype=np.int64)))
+    return out
+
+
+def _encode_example(tokenizer, messages: list[dict], config: DataConfig) -> tuple[list[int], list[int]]:
+    eos = tokenizer.eos_token_id
+    if tokenizer.chat_template:
+
+        def render(turns: list[dict], generation_prompt: bool) -> list[int]:
+            return list(tokenizer.apply_chat_template(turns, add_generation_prompt=generation_prompt,
+                                                      return_dict=True)["input_ids"])  # fmt: skip
+
+        ids, spans = render(messages, False), []
+        for i, message in enumerate(messages):
+            if message["role"] == "assistant":
+                start, end = len(render(messages[:i], True)), len(render(messages[: i + 1], False))
+                if render(messages[: i + 1], False) != ids[:end]:
+                    raise PeftkitError("data.format=chat: the tokenizer's chat template renders a conversation "
+                                       "differently from its beginning; cannot find the assistant turns")  # fmt: skip
+                spans.append((start, end))
+    else:
+        if [m["role"] for m in messages] != ["user", "assistant"]:
+            raise PeftkitError(f"data.format={config.format}: the tokenizer has no chat template, so only one "
+                               "prompt and one response per example can be rendered")  # fmt: skip
+        prompt = tokenizer(messages[0]["content"] + "\n", add_special_tokens=False)["input_ids"]
+        answer = tokenizer(messages[1]["content"], add_special_tokens=False)["input_ids"]
+        ids, spans = prompt + answer, [(len(prompt), len(prompt) + len(answer))]
+    last_start, last_end = spans[-1]
+    if eos not in ids[last_start:last_end]:  # make sure the model learns to stop
+        ids = ids[:last_end] + [eos] + ids[last_end:]
+        spans[-1] = (last_start, last_end + 1)
+    if config.train_on_prompt:
+        return ids, list(ids)
+    labels = [IGNORE_INDEX] * len(ids)
+    for start, end in spans:
+        labels[start:end] = ids[start:end]
+    return ids, labels
+
+
+def plain_texts(tokenizer, docs: list[str], config: DataConfig) -> list[str]:
+    """Documents as the text the model reads (chat examples rendered), for memorisation and prompts."""
+    if config.format == "text":
+        return docs
+    return [tokenizer.decode(ids.tolist()) for ids, _ in encode(tokenizer, docs, config)]
 
 
 class PackedRows:
     """The training stream: epoch after epoch of shuffled, packed rows."""
 
-    def __init__(self, docs: list[np.ndarray], seq_len: int, seed: int):
-        self.docs, self.seq_len, self.seed = docs, seq_len, seed
+    def __init__(self, docs: list[np.ndarray], seq_len: int, seed: int, labels: list[np.ndarray] | None = None):
+        """`labels`: per document, parallel to `docs` (-100 where there is no loss); None = the tokens."""
+        self.docs, self.labels, self.seq_len, self.seed = docs, labels, seq_len, seed
         self.tokens = int(sum(len(d) for d in docs))
         self.rows_per_epoch = self.tokens // seq_len
-        self._epoch, self._rows = -1, None
+        self._epoch, self._rows, self._label_rows = -1, None, None
 
-    def epoch_rows(self, epoch: int) -> np.ndarray:
+    def epoch_rows(self, epoch: int, labels: bool = False) -> np.ndarray:
         if epoch != self._epoch:
             order = np.random.default_rng([self.seed, epoch]).permutation(len(self.docs))
-            flat = np.concatenate([self.docs[i] for i in order])
-            self._rows = flat[: self.rows_per_epoch * self.seq_len].reshape(-1, self.seq_len)
+            keep = self.rows_per_epoch * self.seq_len
+            self._rows = np.concatenate([self.docs[i] for i in order])[:keep].reshape(-1, self.seq_len)
+            if self.labels is not None:
+                flat = np.concatenate([self.labels[i] for i in order])
+                self._label_rows = flat[:keep].reshape(-1, self.seq_len)
             self._epoch = epoch
-        return self._rows
+        return self._label_rows if labels and self.labels is not None else self._rows
 
-    def rows(self, start: int, count: int) -> torch.Tensor:
-        """Rows `start .. start+count` of the endless stream (crossing epochs as needed)."""
+    def rows(self, start: int, count: int, labels: bool = False) -> torch.Tensor:
+        """Rows `start .. start+count` of the endless stream (crossing epochs as needed); their labels
+        with `labels=True`."""
         out = []
         for index in range(start, start + count):
             epoch, offset = divmod(index, self.rows_per_epoch)
-            out.append(self.epoch_rows(epoch)[offset])
+            out.append(self.epoch_rows(epoch, labels)[offset])
         return torch.from_numpy(np.stack(out))
 
-    def batch(self, step: int, micro: int, rank: int, world: int, batch_size: int, grad_accum: int) -> torch.Tensor:
+    def batch(self, step: int, micro: int, rank: int, world: int, batch_size: int, grad_accum: int,
+              labels: bool = False) -> torch.Tensor:  # fmt: skip
         """Rows for one micro-batch of one process: disjoint across processes and micro-batches."""
         start = ((step * grad_accum + micro) * world + rank) * batch_size
-        return self.rows(start, batch_size)
+        return self.rows(start, batch_size, labels)
+
+    def loss_share(self) -> float:
+        """Share of the tokens that carry loss (1 for plain text)."""
+        if self.labels is None:
+            return 1.0
+        return float(sum(int((lab != IGNORE_INDEX).sum()) for lab in self.labels) / max(self.tokens, 1))
 
     def epoch_of(self, step: int, world: int, batch_size: int, grad_accum: int) -> float:
         return step * grad_accum * world * batch_size / self.rows_per_epoch

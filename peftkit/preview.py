@@ -27,9 +27,9 @@ def preview(config: Config, timed_steps: int = 2, log=print) -> dict:
         order = torch.randperm(len(train_docs), generator=torch.Generator().manual_seed(config.seed))
         train_docs = [train_docs[i] for i in order[: config.data.max_train_docs]]
     train_docs = data.augment_documents(train_docs, config.data, config.seed)
-    splits["train"] = _count(tokenizer, train_docs, config.seed)
+    splits["train"] = _count(tokenizer, train_docs, config.seed, config.data)
     for split in ("validation", "test"):
-        splits[split] = _count(tokenizer, data.load_split(config.data, split), config.seed)
+        splits[split] = _count(tokenizer, data.load_split(config.data, split), config.seed, config.data)
     general = data.load_general(config.data)
     if general:
         splits["general"] = _count(tokenizer, general, config.seed)
@@ -40,11 +40,12 @@ def preview(config: Config, timed_steps: int = 2, log=print) -> dict:
         "splits": splits,
         "replay_tokens": int(train_tokens - splits["train"]["tokens"]),
         "packing_efficiency": rows * seq_len / train_tokens,  # the rest is the dropped tail of an epoch
-        "loss_token_share": (seq_len - 1) / seq_len,  # every token but a row's first is predicted
+        # every token but a row's first is predicted; instruction/chat: only response tokens
+        "loss_token_share": splits["train"]["loss_share"] * (seq_len - 1) / seq_len,
         "rows_per_epoch": rows,
         "tokens_per_step": step_tokens,
         "epochs": config.train.max_steps * step_tokens / max(rows * seq_len, 1),
-        "example": _example(tokenizer, train_docs, seq_len),
+        "example": _example(tokenizer, train_docs, seq_len, config.data),
     }
     out.update(_cost(config, tokenizer, timed_steps, log))
     out["seconds_per_epoch"] = rows * seq_len / out["tokens_per_s"]
@@ -52,24 +53,40 @@ def preview(config: Config, timed_steps: int = 2, log=print) -> dict:
     return out
 
 
-def _count(tokenizer, docs: list[str], seed: int) -> dict:
-    if len(docs) <= SAMPLE_DOCS:
-        return {"documents": len(docs), "tokens": int(sum(len(t) for t in data.tokenize(tokenizer, docs))),
-                "estimated": False}  # fmt: skip
-    pick = np.random.default_rng(seed).choice(len(docs), SAMPLE_DOCS, replace=False)
-    sample = [docs[i] for i in pick]
-    per_char = sum(len(t) for t in data.tokenize(tokenizer, sample)) / sum(len(d) for d in sample)
-    return {"documents": len(docs), "tokens": int(per_char * sum(len(d) for d in docs)), "estimated": True}
+def _count(tokenizer, docs: list[str], seed: int, config=None) -> dict:
+    """Documents, tokens (estimated from a sample for large splits) and the share that carries loss."""
+    sample = docs
+    if len(docs) > SAMPLE_DOCS:
+        sample = [docs[i] for i in np.random.default_rng(seed).choice(len(docs), SAMPLE_DOCS, replace=False)]
+    pairs = data.encode(tokenizer, sample, config)
+    tokens = sum(len(ids) for ids, _ in pairs)
+    share = sum(int((labels != data.IGNORE_INDEX).sum()) for _, labels in pairs) / max(tokens, 1)
+    if len(sample) < len(docs):
+        tokens = int(tokens / sum(len(d) for d in sample) * sum(len(d) for d in docs))
+    return {"documents": len(docs), "tokens": int(tokens), "estimated": len(sample) < len(docs), "loss_share": share}
 
 
-def _example(tokenizer, docs: list[str], seq_len: int) -> str:
-    """The first training row as the model sees it; document boundaries (EOS) marked."""
-    ids = np.concatenate(data.tokenize(tokenizer, docs[:8]))[:seq_len]
+def _example(tokenizer, docs: list[str], seq_len: int, config=None) -> str:
+    """The first training row as the model sees it: document boundaries (EOS) and the tokens that
+    carry no loss (prompts, in the instruction and chat formats) marked."""
+    pairs = data.encode(tokenizer, docs[:8], config)
+    ids = np.concatenate([p[0] for p in pairs])[:seq_len]
+    labels = np.concatenate([p[1] for p in pairs])[:seq_len]
     pieces, start = [], 0
+    for end in range(1, len(ids) + 1):
+        if end == len(ids) or (labels[end] == data.IGNORE_INDEX) != (labels[start] == data.IGNORE_INDEX):
+            text = _decode_marking_eos(tokenizer, ids[start:end])
+            pieces.append(f"[no loss: {text}]" if labels[start] == data.IGNORE_INDEX else text)
+            start = end
+    return " ".join(piece for piece in pieces if piece).strip()
+
+
+def _decode_marking_eos(tokenizer, ids: np.ndarray) -> str:
+    parts, start = [], 0
     for end in [*np.flatnonzero(ids == tokenizer.eos_token_id).tolist(), len(ids)]:
-        pieces.append(tokenizer.decode(ids[start:end].tolist()))
+        parts.append(tokenizer.decode(ids[start:end].tolist()).strip())
         start = end + 1
-    return " [EOS] ".join(p for p in pieces if p)
+    return " [EOS] ".join(parts).strip()
 
 
 def _cost(config: Config, tokenizer, timed_steps: int, log) -> dict:
@@ -114,7 +131,8 @@ def format_preview(p: dict, config: Config) -> str:
     lines += [
         f"packing: {p['rows_per_epoch']:,} rows of {config.data.seq_len} per epoch, {p['packing_efficiency']:.2%} of "
         f"the tokens used (the rest is an epoch's last partial row), no padding",
-        f"loss on {p['loss_token_share']:.2%} of the tokens (format text: every token but a row's first)",
+        f"loss on {p['loss_token_share']:.2%} of the tokens (format {config.data.format}"
+        + ("; every token but a row's first)" if config.data.format == "text" else "; responses only)"),
         f"{config.method.name}: {p['trainable_params']:,} trainable parameters",
         f"memory estimate: ~{p['memory_estimate_mb']:,.0f} MB, a rough upper bound (weights, optimizer state, "
         f"activations, fp32 logits for batch {config.train.batch_size} x {config.data.seq_len})",

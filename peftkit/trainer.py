@@ -157,13 +157,14 @@ class Trainer:
             step_loss = torch.zeros((), device=acc.device)
             for micro in range(accum):
                 rows = stream.batch(step, micro, acc.process_index, world, batch, accum)
+                targets = stream.batch(step, micro, acc.process_index, world, batch, accum, labels=True)
                 inputs = rows
                 if "token_noise" in cfg.data.augment:  # noisy inputs, clean targets
                     key = [self.config.seed, step, micro, acc.process_index]
                     inputs = data.noise_tokens(rows, cfg.data.token_noise, len(self.tokenizer), key)
-                rows, inputs = rows.to(acc.device), inputs.to(acc.device)
+                targets, inputs = targets.to(acc.device), inputs.to(acc.device)
                 with nullcontext() if micro == accum - 1 else acc.no_sync(model):
-                    loss = model(input_ids=inputs, labels=rows).loss / accum  # scale for accumulation
+                    loss = model(input_ids=inputs, labels=targets).loss / accum  # scale for accumulation
                     acc.backward(loss)
                 step_loss += loss.detach()
             grad_norm = acc.clip_grad_norm_(params, train.max_grad_norm) if train.max_grad_norm else None
@@ -229,8 +230,15 @@ class Trainer:
         if cfg.data.max_train_docs:
             order = torch.randperm(len(docs), generator=torch.Generator().manual_seed(cfg.seed))
             docs = [docs[i] for i in order[: cfg.data.max_train_docs]]
-        self.train_docs = docs  # the corpus as given: memorisation and leakage checks look at these
-        tokens = data.tokenize_cached(self.tokenizer, data.augment_documents(docs, cfg.data, cfg.seed), self.log)
+        self.train_docs = docs  # the corpus as given: the leakage check looks at these
+        # as the model reads them (chat examples rendered): for memorisation and the prompted baseline
+        self.train_texts = docs if cfg.data.format == "text" else data.plain_texts(self.tokenizer, docs[:512], cfg.data)
+        augmented, labels = data.augment_documents(docs, cfg.data, cfg.seed), None
+        if cfg.data.format == "text":
+            tokens = data.tokenize_cached(self.tokenizer, augmented, self.log)
+        else:
+            pairs = data.encode(self.tokenizer, augmented, cfg.data)
+            tokens, labels = [p[0] for p in pairs], [p[1] for p in pairs]
         if len(tokens) > len(docs):
             self.log(f"sentence_shuffle: {len(tokens) - len(docs):,} reordered copies added to {len(docs):,} documents")
         if cfg.data.replay:
@@ -246,7 +254,11 @@ class Trainer:
                 f"replay: {sum(len(t) for t in replay):,} tokens of general text mixed into {domain:,} domain tokens"
             )
             tokens = tokens + replay
-        stream = data.PackedRows(tokens, cfg.data.seq_len, cfg.seed)
+            labels = labels + replay if labels is not None else None  # general text: loss on every token
+        stream = data.PackedRows(tokens, cfg.data.seq_len, cfg.seed, labels)
+        if labels is not None:
+            self.log(f"{cfg.data.format}: {stream.loss_share():.1%} of the training tokens carry loss (responses"
+                     + (" and prompts)" if cfg.data.train_on_prompt else " only)"))  # fmt: skip
         needed = cfg.train.batch_size * self.accelerator.num_processes
         if stream.rows_per_epoch < needed:
             raise PeftkitError(
@@ -254,7 +266,9 @@ class Trainer:
                 f"{cfg.data.seq_len}; one step needs {needed}. Add documents or lower data.seq_len / train.batch_size"
             )
         self.val_docs = data.load_split(cfg.data, "validation")
-        val_sets = {"domain": data.eval_rows(self.tokenizer, self.val_docs, cfg.data.seq_len, cfg.eval.val_tokens)}
+        val_sets = {
+            "domain": data.eval_rows(self.tokenizer, self.val_docs, cfg.data.seq_len, cfg.eval.val_tokens, cfg.data)
+        }
         general = data.load_general(cfg.data, log=self.log)
         if general:
             val_sets["general"] = data.eval_rows(self.tokenizer, general, cfg.data.seq_len, cfg.eval.val_tokens)
@@ -384,8 +398,10 @@ class Trainer:
             "memorization": memorization(
                 peft_model,
                 self.tokenizer,
-                self.train_docs,
-                self.val_docs,
+                self.train_texts,
+                self.val_docs
+                if self.config.data.format == "text"
+                else data.plain_texts(self.tokenizer, self.val_docs[:512], self.config.data),
                 prefix=min(32, seq_len // 2),
                 length=min(16, seq_len // 4),
                 seed=self.config.seed,
@@ -403,7 +419,7 @@ class Trainer:
         """Base vs tuned perplexity on the domain test split and the general text (fixed token budgets)."""
         sets = test_sets(self.config, self.tokenizer)
         report = compare_base_and_tuned(model or self.model, sets, self.config.eval.batch_size, self.accelerator)
-        prefix = domain_prompt(self.tokenizer, self.train_docs, self.config.eval.prompt_tokens)
+        prefix = domain_prompt(self.tokenizer, self.train_texts, self.config.eval.prompt_tokens)
         if prefix is not None:
             report["base_prompted"] = prompted_baseline(model or self.model, sets["domain"], prefix,
                                                         self.config.eval.batch_size, self.accelerator)  # fmt: skip

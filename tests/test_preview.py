@@ -15,7 +15,7 @@ def test_preview_counts_what_training_would_see(tiny_config):
     train = data.load_split(tiny_config.data, "train")
     tokenizer = __import__("peftkit").models.load_tokenizer(tiny_config.model)
     tokens = sum(len(t) for t in data.tokenize(tokenizer, train))
-    assert p["splits"]["train"] == {"documents": len(train), "tokens": tokens, "estimated": False}
+    assert p["splits"]["train"] == {"documents": len(train), "tokens": tokens, "estimated": False, "loss_share": 1.0}
     assert p["rows_per_epoch"] == tokens // tiny_config.data.seq_len
     assert 0.9 < p["packing_efficiency"] <= 1 and p["loss_token_share"] == (128 - 1) / 128
     assert p["tokens_per_s"] > 0 and p["memory_estimate_mb"] > 0 and p["trainable_params"] > 0
@@ -31,3 +31,22 @@ def test_preview_cli_runs_on_a_yaml_config(tiny_config, tmp_path):
                           capture_output=True, text=True, timeout=300)  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
     assert "rows of 16 per epoch" in done.stdout and "first training row:" in done.stdout
+
+
+def test_preview_marks_the_prompt_of_instruction_data(tiny_config, tmp_path):
+    import dataclasses
+    import json
+
+    folder = tmp_path / "sft"
+    folder.mkdir()
+    for split in ("train", "validation", "test"):
+        rows = [{"prompt": "the patient", "response": "received aspirin and recovered ."} for _ in range(40)]
+        (folder / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    config = dataclasses.replace(tiny_config, data=dataclasses.replace(tiny_config.data, source=str(folder),
+                                                                       format="instruction", seq_len=64))  # fmt: skip
+    p = preview(config, timed_steps=1, log=lambda _: None)
+    assert p["example"].startswith(
+        "[no loss: the patient] received aspirin and recovered . [EOS] [no loss: the patient]"
+    )
+    assert p["splits"]["train"]["loss_share"] == 6 / 8  # 5 response words + EOS of 8 tokens
+    assert "responses only" in format_preview(p, config)

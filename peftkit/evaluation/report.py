@@ -17,7 +17,7 @@ def test_sets(config, tokenizer) -> dict[str, tuple[torch.Tensor, torch.Tensor]]
     """The final report's rows: the first `eval.test_tokens` tokens of the domain test split and of
     the general text, packed into `data.seq_len` rows."""
     seq_len, budget = config.data.seq_len, config.eval.test_tokens
-    sets = {"domain": data.eval_rows(tokenizer, data.load_split(config.data, "test"), seq_len, budget)}
+    sets = {"domain": data.eval_rows(tokenizer, data.load_split(config.data, "test"), seq_len, budget, config.data)}
     general = data.load_general(config.data)
     if general:
         sets["general"] = data.eval_rows(tokenizer, general, seq_len, budget)
@@ -42,7 +42,8 @@ def evaluate_run(run_dir: Path) -> dict:
     sets = test_sets(config, tokenizer)
     model = model.to(accelerator.device)
     report = compare_base_and_tuned(model, sets, config.eval.batch_size, accelerator)
-    prefix = domain_prompt(tokenizer, data.load_split(config.data, "train"), config.eval.prompt_tokens)
+    train = data.plain_texts(tokenizer, data.load_split(config.data, "train")[:512], config.data)
+    prefix = domain_prompt(tokenizer, train, config.eval.prompt_tokens)
     if prefix is not None:
         report["base_prompted"] = prompted_baseline(model, sets["domain"], prefix, config.eval.batch_size, accelerator)
     path = run_dir / "report.json"
