@@ -94,6 +94,11 @@ class DataConfig:
         "k-fold cross-validation: pool train and validation, split them into this many folds by content hash; 0 = off",
     )
     fold: int = _f(0, "the fold held out for validation when data.folds > 0")
+    separate_documents: bool = _f(
+        True,
+        "in training, documents packed into one row do not attend to each other: position ids restart at each "
+        "document, which transformers turns into a block-diagonal causal mask (any attention implementation)",
+    )
     replay: float = _f(
         0.0,
         "share of training tokens drawn from general_source documents that no evaluation scores (the usual "

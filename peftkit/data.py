@@ -320,33 +320,35 @@ class PackedRows:
         self.docs, self.labels, self.seq_len, self.seed = docs, labels, seq_len, seed
         self.tokens = int(sum(len(d) for d in docs))
         self.rows_per_epoch = self.tokens // seq_len
-        self._epoch, self._rows, self._label_rows = -1, None, None
+        self._epoch, self._parts = -1, {}
 
-    def epoch_rows(self, epoch: int, labels: bool = False) -> np.ndarray:
+    def epoch_rows(self, epoch: int, part: str = "ids") -> np.ndarray:
+        """This epoch's rows of token ids, of their labels, or of their positions within their document
+        (which restart at 0 where a document starts, so attention can keep documents apart)."""
         if epoch != self._epoch:
             order = np.random.default_rng([self.seed, epoch]).permutation(len(self.docs))
             keep = self.rows_per_epoch * self.seq_len
-            self._rows = np.concatenate([self.docs[i] for i in order])[:keep].reshape(-1, self.seq_len)
-            if self.labels is not None:
-                flat = np.concatenate([self.labels[i] for i in order])
-                self._label_rows = flat[:keep].reshape(-1, self.seq_len)
+            sources = {"ids": self.docs, "labels": self.labels if self.labels is not None else self.docs,
+                       "positions": [np.arange(len(d)) for d in self.docs]}  # fmt: skip
+            self._parts = {name: np.concatenate([arrays[i] for i in order])[:keep].reshape(-1, self.seq_len)
+                           for name, arrays in sources.items()}  # fmt: skip
             self._epoch = epoch
-        return self._label_rows if labels and self.labels is not None else self._rows
+        return self._parts[part]
 
-    def rows(self, start: int, count: int, labels: bool = False) -> torch.Tensor:
-        """Rows `start .. start+count` of the endless stream (crossing epochs as needed); their labels
-        with `labels=True`."""
+    def rows(self, start: int, count: int, part: str = "ids") -> torch.Tensor:
+        """Rows `start .. start+count` of the endless stream (crossing epochs as needed): their token
+        ids, labels or positions (`part`)."""
         out = []
         for index in range(start, start + count):
             epoch, offset = divmod(index, self.rows_per_epoch)
-            out.append(self.epoch_rows(epoch, labels)[offset])
+            out.append(self.epoch_rows(epoch, part)[offset])
         return torch.from_numpy(np.stack(out))
 
     def batch(self, step: int, micro: int, rank: int, world: int, batch_size: int, grad_accum: int,
-              labels: bool = False) -> torch.Tensor:  # fmt: skip
+              part: str = "ids") -> torch.Tensor:  # fmt: skip
         """Rows for one micro-batch of one process: disjoint across processes and micro-batches."""
         start = ((step * grad_accum + micro) * world + rank) * batch_size
-        return self.rows(start, batch_size, labels)
+        return self.rows(start, batch_size, part)
 
     def loss_share(self) -> float:
         """Share of the tokens that carry loss (1 for plain text)."""

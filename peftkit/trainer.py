@@ -151,20 +151,27 @@ class Trainer:
         bar = progress.bar(total=train.max_steps, initial=start, desc="train", unit="step",
                            disable=not (acc.is_main_process and train.progress))  # fmt: skip
         train_seconds, done = 0.0, start
+        separate = cfg.data.separate_documents and not methods.is_prompt_learning(acc.unwrap_model(model))
         model.train()
         for step in range(start, train.max_steps):
             step_start = time.perf_counter()
             step_loss = torch.zeros((), device=acc.device)
             for micro in range(accum):
                 rows = stream.batch(step, micro, acc.process_index, world, batch, accum)
-                targets = stream.batch(step, micro, acc.process_index, world, batch, accum, labels=True)
+                targets = stream.batch(step, micro, acc.process_index, world, batch, accum, part="labels")
+                extra = {}
+                if separate:  # positions restart per document: attention keeps documents apart
+                    positions = stream.batch(step, micro, acc.process_index, world, batch, accum, part="positions")
+                    extra.update(
+                        position_ids=positions.to(acc.device), use_cache=False
+                    )  # no cache: transformers then masks
                 inputs = rows
                 if "token_noise" in cfg.data.augment:  # noisy inputs, clean targets
                     key = [self.config.seed, step, micro, acc.process_index]
                     inputs = data.noise_tokens(rows, cfg.data.token_noise, len(self.tokenizer), key)
                 targets, inputs = targets.to(acc.device), inputs.to(acc.device)
                 with nullcontext() if micro == accum - 1 else acc.no_sync(model):
-                    loss = model(input_ids=inputs, labels=targets).loss / accum  # scale for accumulation
+                    loss = model(input_ids=inputs, labels=targets, **extra).loss / accum  # scale for accumulation
                     acc.backward(loss)
                 step_loss += loss.detach()
             grad_norm = acc.clip_grad_norm_(params, train.max_grad_norm) if train.max_grad_norm else None

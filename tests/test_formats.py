@@ -55,7 +55,7 @@ def test_packed_rows_keep_labels_aligned_with_tokens():
     labels = [np.where(np.arange(len(d)) < len(d) // 2, -100, d) for d in docs]
     stream = data.PackedRows(docs, seq_len=16, seed=3, labels=labels)
     for start in (0, 7, stream.rows_per_epoch - 1, stream.rows_per_epoch + 2):  # crossing an epoch too
-        ids, lab = stream.rows(start, 2), stream.rows(start, 2, labels=True)
+        ids, lab = stream.rows(start, 2), stream.rows(start, 2, part="labels")
         assert ((lab == -100) | (lab == ids)).all() and (lab == -100).any()
     assert 0.4 < stream.loss_share() < 0.6
     assert data.PackedRows(docs, 16, 3).loss_share() == 1.0
@@ -105,3 +105,25 @@ def test_training_on_instruction_data_puts_loss_on_responses_only(tiny_config, t
     _, val_labels = val_sets["domain"]
     assert (val_labels == -100).float().mean() > 0.03  # prompts are not scored in evaluation either
     assert report["tuned"]["domain_ppl"] < report["base"]["domain_ppl"]
+
+
+def test_positions_restart_at_every_document_and_keep_documents_apart(tiny_model_dir):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    docs = [np.array([5, 6, 7, 2]), np.array([8, 9, 2]), np.array([10, 11, 12, 13, 2])]
+    stream = data.PackedRows(docs, seq_len=6, seed=0)
+    ids, positions = stream.rows(0, 2), stream.rows(0, 2, part="positions")
+    flat_ids, flat_pos = ids.flatten().tolist(), positions.flatten().tolist()
+    starts = [i for i, p in enumerate(flat_pos) if p == 0]
+    assert len(starts) == 3 and all(flat_ids[i - 1] == 2 for i in starts[1:])  # a new document follows each EOS
+    # with restarting positions, a token's logits do not depend on the document packed before it
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    second = torch.tensor([[8, 9, 10, 11]])
+    with torch.no_grad():
+        alone = model(second).logits
+        packed = model(
+            torch.tensor([[5, 6, 2, 8, 9, 10, 11]]), position_ids=torch.tensor([[0, 1, 2, 0, 1, 2, 3]]), use_cache=False
+        ).logits  # with a cache, transformers does not look for packed documents
+        leaky = model(torch.tensor([[5, 6, 2, 8, 9, 10, 11]])).logits
+    assert torch.allclose(packed[:, 3:], alone, atol=1e-5) and not torch.allclose(leaky[:, 3:], alone, atol=1e-3)
