@@ -43,7 +43,10 @@ def test_a_run_with_a_tiny_learning_rate_is_reported_as_underfitting(tiny_config
     config = with_changes(tiny_config, train={"lr": 1e-7, "max_steps": 8}, eval={"every_steps": 2})
     report = Trainer(config, log=lambda _: None).fit()
     fit = report["diagnostics"]["underfitting"]
-    assert fit["underfitting"] and "barely learned" in " ".join(fit["signals"])
+    assert fit["underfitting"] and "barely learned" in " ".join(fit["signals"]), (
+        fit.get("train_loss_change"),
+        fit.get("val_ppl_gain"),
+    )
     assert any(r.startswith("underfitting:") for r in report["verdict"]["reasons"])
 
 
