@@ -373,8 +373,8 @@ class Trainer:
             write_report_files(self.run_dir)
             self.log(format_report(report))
             self.log(f"adapter: {self.run_dir / 'adapter'}   report: {self.run_dir / 'report.html'}")
-        if self.config.train.report_to:
-            acc.end_training()  # flush and close the trackers
+        for tracker in acc.trackers:  # flush and close; not end_training(), which also ends the process group
+            tracker.finish()
         acc.wait_for_everyone()
         return report
 
