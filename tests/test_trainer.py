@@ -64,7 +64,9 @@ def test_gradient_accumulation_matches_a_larger_batch(tiny_config, tmp_path):
     a, b = adapter_weights(tmp_path / "a"), adapter_weights(tmp_path / "b")
     assert a.keys() == b.keys()
     for key in a:
-        assert torch.allclose(a[key], b[key], atol=1e-6, rtol=0), key  # measured: ~1e-7
+        # measured: ~1e-7 with plain causal attention; <= 2e-6 when document separation puts one micro-batch
+        # on SDPA's causal fast path (no document starts in it) and the larger batch on the masked path
+        assert torch.allclose(a[key], b[key], atol=5e-6, rtol=0), (key, (a[key] - b[key]).abs().max())
 
 
 class StopAt:
