@@ -47,12 +47,16 @@ def read_documents(
     return docs
 
 
-def _text_file_documents(path: Path, spec: DataConfig) -> list[str]:
+def _read_utf8(path: Path) -> str:
     try:
-        content = path.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8")
     except UnicodeDecodeError as err:
         line = path.read_bytes()[: err.start].count(b"\n") + 1
         raise PeftkitError(f"{path} line {line}: not valid UTF-8; re-encode the file as UTF-8") from None
+
+
+def _text_file_documents(path: Path, spec: DataConfig) -> list[str]:
+    content = _read_utf8(path)
     if path.suffix == ".txt":
         if spec.format != "text":
             raise PeftkitError(
@@ -174,21 +178,13 @@ def _source_split(config: DataConfig, split: str, log=lambda _: None) -> list[st
             )
         if not files:
             raise PeftkitError(f"data.source: {path} holds no train.jsonl, saved dataset or .txt files")
-        docs = [text for text in (_whole_file(f) for f in files) if text]  # one document per file
+        docs = [text for text in (_read_utf8(f).strip() for f in files) if text]  # one document per file
     else:
         docs = read_documents(path, config=config)
     docs = [d for d in docs if split_of("text:" + d, config.validation_share, config.test_share) == split]
     if not docs:
         raise PeftkitError(f"data.source: {path} gives an empty {split} split; add documents")
     return docs
-
-
-def _whole_file(path: Path) -> str:
-    try:
-        return path.read_text(encoding="utf-8").strip()
-    except UnicodeDecodeError as err:
-        line = path.read_bytes()[: err.start].count(b"\n") + 1
-        raise PeftkitError(f"{path} line {line}: not valid UTF-8; re-encode the file as UTF-8") from None
 
 
 def _saved_dataset(path: Path, split: str, config: DataConfig) -> tuple[list[str], bool]:

@@ -84,10 +84,6 @@ def is_prompt_learning(model) -> bool:
     return bool(config and config.is_prompt_learning)
 
 
-def mergeable(model) -> bool:
-    return not is_prompt_learning(model)
-
-
 def sequence_logits(model, input_ids: torch.Tensor, **kwargs) -> torch.Tensor:
     """Logits for the positions of `input_ids` only (prompt tuning prepends virtual-token positions)."""
     return model(input_ids=input_ids, **kwargs).logits[:, -input_ids.shape[1] :]
