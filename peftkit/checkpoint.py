@@ -59,10 +59,14 @@ def save_adapter(accelerator, model, out_dir: Path, initial: Path | None = None)
     `initial`: the adapter as initialised by PiSSA/OLoRA, to convert to plain LoRA on the original base.
     """
     state_dict = accelerator.get_state_dict(model)
+    unwrapped = accelerator.unwrap_model(model)
+    peft_model = getattr(unwrapped, "peft_model", unwrapped)  # the trainer prepares its TrainingForward
+    if peft_model is not unwrapped:
+        state_dict = {k.removeprefix("peft_model."): v for k, v in state_dict.items()}
     if accelerator.is_main_process:
         # the conversion loads the initial adapter into the live model, so it reads the model's own state
         extra = {"path_initial_model_for_weight_conversion": str(initial)} if initial else {"state_dict": state_dict}
-        accelerator.unwrap_model(model).save_pretrained(out_dir, **extra)
+        peft_model.save_pretrained(out_dir, **extra)
 
 
 def save(run_dir: Path, step: int, model, optimizer, scheduler, state: dict, accelerator) -> Path:

@@ -196,6 +196,18 @@ class TrainConfig:
     mixed_precision: str = _f(
         "auto", "autocast precision; 'auto' = bf16 where supported", ("auto", "bf16", "fp16", "no")
     )
+    compile: str = _f(
+        "auto",
+        "regional torch.compile of the decoder layers (cached under $PEFTKIT_CACHE/inductor); 'auto' = for "
+        "models of 50M+ parameters where a C++ compiler is found",
+        ("auto", "true", "false"),
+    )
+    chunked_loss: bool = _f(
+        True, "cross-entropy over chunks of 1024 positions, recomputed in backward: all logits never exist at once"
+    )
+    gradient_checkpointing: bool = _f(
+        False, "recompute each decoder layer in backward: far less activation memory, about 25% slower"
+    )
     keep_checkpoints: int = _f(2, "newest checkpoints kept besides the best one")
     max_bad_steps: int = _f(3, "steps with a non-finite loss or gradient skipped before the run stops")
     log_every: int = _f(1, "steps between training-loss records in metrics.jsonl")

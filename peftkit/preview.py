@@ -12,7 +12,7 @@ import time
 import numpy as np
 import torch
 
-from peftkit import data, methods, models
+from peftkit import data, methods, models, speed
 from peftkit.config import Config
 
 SAMPLE_DOCS = 2000  # larger training splits are counted on a seeded sample and extrapolated
@@ -97,20 +97,28 @@ def _cost(config: Config, tokenizer, timed_steps: int, log) -> dict:
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     cfg = model.config
     batch, seq_len = config.train.batch_size, config.data.seq_len
-    # fp32 logits and their gradient dominate for large vocabularies; per layer ~16 hidden-size and
-    # 2 intermediate-size activations kept for backward (bf16/fp32 mix: 4 bytes each, a rough bound)
-    logits = 2 * batch * seq_len * cfg.vocab_size * 4
-    activations = cfg.num_hidden_layers * batch * seq_len * (16 * cfg.hidden_size + 2 * cfg.intermediate_size) * 4
+    # fp32 logits and their gradient dominate for large vocabularies unless the loss is chunked; per
+    # layer ~16 hidden-size and 2 intermediate-size activations kept for backward (bf16/fp32 mix: 4
+    # bytes each, a rough bound), or only the layer's input with activation checkpointing
+    logit_rows = min(speed.CHUNK_TOKENS, batch * seq_len) if config.train.chunked_loss else batch * seq_len
+    logits = 2 * logit_rows * cfg.vocab_size * 4
+    per_token = (
+        cfg.hidden_size * 4
+        if config.train.gradient_checkpointing
+        else (16 * cfg.hidden_size + 2 * cfg.intermediate_size) * 4
+    )
+    activations = cfg.num_hidden_layers * batch * seq_len * per_token
     optimizer = trainable * 4 * 3  # fp32 gradient and two Adam moments
-    model = acc.prepare(model)
     optim = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-9)
+    autocast = acc.mixed_precision in ("bf16", "fp16")
+    forward = acc.prepare(speed.TrainingForward(model, chunked=config.train.chunked_loss, autocast=autocast))
     timed_batch = min(batch, 2)  # tokens/s barely depends on the batch here; keep the preview quick
     rows = torch.randint(0, len(tokenizer), (timed_batch, seq_len), device=acc.device)
-    model.train()
+    forward.train()
     times = []
     for _ in range(timed_steps + 1):  # the first step warms up and is not timed
         start = time.perf_counter()
-        acc.backward(model(input_ids=rows, labels=rows).loss)
+        acc.backward(forward(rows, rows))
         optim.step()
         optim.zero_grad(set_to_none=True)
         times.append(time.perf_counter() - start)
@@ -135,8 +143,9 @@ def format_preview(p: dict, config: Config) -> str:
         + ("; every token but a row's first)" if config.data.format == "text" else "; responses only)"),
         f"{config.method.name}: {p['trainable_params']:,} trainable parameters",
         f"memory estimate: ~{p['memory_estimate_mb']:,.0f} MB, a rough upper bound (weights, optimizer state, "
-        f"activations, fp32 logits for batch {config.train.batch_size} x {config.data.seq_len})",
-        f"speed: {p['tokens_per_s']:,.0f} tokens/s measured on this machine -> one epoch "
+        f"activations, fp32 logits) for batch {config.train.batch_size} x {config.data.seq_len}",
+        f"speed: {p['tokens_per_s']:,.0f} tokens/s measured on this machine (eagerly; train.compile is often "
+        f"faster) -> one epoch "
         f"{duration(p['seconds_per_epoch'])}; train.max_steps={config.train.max_steps} "
         f"({p['epochs']:.2f} epochs) {duration(p['seconds_for_max_steps'])} plus evaluation",
         "first training row:",

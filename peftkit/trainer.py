@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import time
 from contextlib import nullcontext
@@ -20,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from peftkit import assets, checkpoint, data, methods, models, progress
+from peftkit import assets, checkpoint, data, methods, models, progress, speed
 from peftkit.config import Config
 from peftkit.dedup import find_leaks
 from peftkit.errors import PeftkitError
@@ -89,6 +90,7 @@ class Trainer:
             f"{stream.epoch_of(train.max_steps, world, batch, accum):.2f} epochs"
         )
 
+        forward = self._training_forward(stream)
         params = [p for p in self.model.parameters() if p.requires_grad]
         optimizer = methods.optimizer(cfg.method, self.model, train.lr, train.weight_decay)
         scheduler = get_scheduler(
@@ -98,8 +100,9 @@ class Trainer:
             num_training_steps=train.max_steps,
         )
         # The scheduler is stepped by hand once per optimizer step, whatever the process count.
-        model, optimizer = acc.prepare(self.model, optimizer)
-        peft_model = acc.unwrap_model(model)
+        # The module Accelerate wraps is the whole training forward, loss included (DDP syncs through it).
+        model, optimizer = acc.prepare(forward, optimizer)
+        peft_model = self.model
 
         state = {"best_step": None, "best_val_loss": None, "evals_since_best": 0, "train_tokens": 0,
                  "baseline": None, "recent_losses": [], "bad_steps": 0}  # fmt: skip
@@ -131,7 +134,7 @@ class Trainer:
         if start == 0:
             # Step 0 is the base model (LoRA starts as the identity): the reference for the curves
             # and for the forgetting budget.
-            state["baseline"] = self._evaluate(0, model, val_sets, [], state)
+            state["baseline"] = self._evaluate(0, peft_model, val_sets, [], state)
 
         loop = (model, optimizer, scheduler, params, stream, val_sets)
         self._done, self._updating = (start or None), False
@@ -140,7 +143,8 @@ class Trainer:
         except KeyboardInterrupt:
             self._save_on_interrupt(model, optimizer, scheduler, state)
             raise
-        return self._finish(model, peft_model, final_step, stop_reason, state)
+        with speed.eager():
+            return self._finish(model, peft_model, final_step, stop_reason, state)
 
     def _loop(self, loop, start: int, state: dict) -> tuple[int, str | None]:
         """Steps `start+1 .. max_steps`; returns the last step done and why it stopped early, if it did."""
@@ -151,7 +155,7 @@ class Trainer:
         bar = progress.bar(total=train.max_steps, initial=start, desc="train", unit="step",
                            disable=not (acc.is_main_process and train.progress))  # fmt: skip
         train_seconds, done = 0.0, start
-        separate = cfg.data.separate_documents and not methods.is_prompt_learning(acc.unwrap_model(model))
+        separate = cfg.data.separate_documents and not methods.is_prompt_learning(self.model)
         model.train()
         for step in range(start, train.max_steps):
             step_start = time.perf_counter()
@@ -162,16 +166,14 @@ class Trainer:
                 extra = {}
                 if separate:  # positions restart per document: attention keeps documents apart
                     positions = stream.batch(step, micro, acc.process_index, world, batch, accum, part="positions")
-                    extra.update(
-                        position_ids=positions.to(acc.device), use_cache=False
-                    )  # no cache: transformers then masks
+                    extra["position_ids"] = positions.to(acc.device)  # with no cache, transformers then masks
                 inputs = rows
                 if "token_noise" in cfg.data.augment:  # noisy inputs, clean targets
                     key = [self.config.seed, step, micro, acc.process_index]
                     inputs = data.noise_tokens(rows, cfg.data.token_noise, len(self.tokenizer), key)
                 targets, inputs = targets.to(acc.device), inputs.to(acc.device)
                 with nullcontext() if micro == accum - 1 else acc.no_sync(model):
-                    loss = model(input_ids=inputs, labels=targets, **extra).loss / accum  # scale for accumulation
+                    loss = model(input_ids=inputs, labels=targets, **extra) / accum  # scale for accumulation
                     acc.backward(loss)
                 step_loss += loss.detach()
             grad_norm = acc.clip_grad_norm_(params, train.max_grad_norm) if train.max_grad_norm else None
@@ -186,7 +188,12 @@ class Trainer:
             done = step + 1
             self._done = done
             self._updating = False
-            train_seconds += time.perf_counter() - step_start  # evaluation time is not training throughput
+            seconds = time.perf_counter() - step_start
+            if done == start + 1:
+                self._first_step_s = seconds
+                if self._compiled:
+                    self.log(f"first step {seconds:.1f} s, compilation included")
+            train_seconds += seconds  # evaluation time is not training throughput
             self._throughput = tokens_per_step * (done - start) / train_seconds
             record = {"step": done, "loss": step_loss, "lr": scheduler.get_last_lr()[0], "tokens": state["train_tokens"],
                       "tokens_per_s": tokens_per_step * (done - start) / train_seconds}  # fmt: skip
@@ -210,7 +217,7 @@ class Trainer:
             if done % train.log_every == 0:
                 self._record(record, "on_step")
             if done % cfg.eval.every_steps == 0 or done == train.max_steps:
-                self._evaluate(done, model, val_sets, state["recent_losses"], state)
+                self._evaluate(done, self.model, val_sets, state["recent_losses"], state)
                 state["recent_losses"] = []
                 checkpoint.save(self.run_dir, done, model, optimizer, scheduler, state, acc)
                 if acc.is_main_process:
@@ -221,6 +228,41 @@ class Trainer:
                     return done, stop_reason
         bar.close()
         return done, None
+
+    def _training_forward(self, stream) -> speed.TrainingForward:
+        """The training forward: chunked loss (checked against the model's own on a real row),
+        autocast-friendly adapter inputs, optional activation checkpointing, regional compilation."""
+        train, acc = self.config.train, self.accelerator
+        autocast = acc.mixed_precision in ("bf16", "fp16")
+        chunked = train.chunked_loss
+        if chunked:
+            row = stream.batch(0, 0, 0, 1, 1, 1)
+            labels = stream.batch(0, 0, 0, 1, 1, 1, part="labels")
+            with acc.autocast():
+                chunked = speed.chunked_matches(self.model, row.to(acc.device), labels.to(acc.device))
+            if not chunked:
+                self.log("train.chunked_loss: this model's loss is not plain cross-entropy over its output layer "
+                         "(or it prepends virtual tokens); using its own forward, which holds every logit")  # fmt: skip
+        if train.gradient_checkpointing:
+            self.model.get_base_model().gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False}
+            )
+        self._compiled = False
+        wanted, why = speed.compile_wanted(train.compile, self.model)
+        if wanted:
+            count = speed.compile_layers(self.model, assets.cache_dir() / "inductor")
+            self._compiled = count > 0
+            self.log(f"compiling {count} decoder layers (regional torch.compile; cached in {assets.cache_dir() / 'inductor'})"
+                     if count else "train.compile: no decoder layer list found; running eagerly")  # fmt: skip
+        elif train.compile != "false":
+            self.log(f"not compiling: {why}")
+        threads = speed.set_threads(int(os.environ.get("LOCAL_WORLD_SIZE", acc.num_processes)))
+        self.log(f"training forward: {'chunked' if chunked else 'full-logit'} loss, "
+                 f"{acc.mixed_precision if autocast else 'fp32'} autocast, {threads} threads per process"
+                 + (", activation checkpointing" if train.gradient_checkpointing else ""))  # fmt: skip
+        forward = speed.TrainingForward(self.model, chunked=chunked, autocast=autocast)
+        forward.compiled_loss = self._compiled
+        return forward
 
     def _save_on_interrupt(self, model, optimizer, scheduler, state: dict) -> None:
         """Ctrl-C: checkpoint the last completed step (one process only: a process group may be gone)."""
@@ -295,6 +337,10 @@ class Trainer:
 
     def _evaluate(self, step: int, model, val_sets: dict, recent_losses: list[float], state: dict) -> dict:
         """Held-out losses, the train/validation gap, and the best-checkpoint bookkeeping."""
+        with speed.eager():
+            return self._evaluate_eagerly(step, model, val_sets, recent_losses, state)
+
+    def _evaluate_eagerly(self, step: int, model, val_sets: dict, recent_losses: list[float], state: dict) -> dict:
         ev, acc = self.config.eval, self.accelerator
         record = {"step": step}
         if recent_losses:
@@ -358,13 +404,14 @@ class Trainer:
             base = models.load_model(self.config.model, log=self.log)
             model = peft_model = PeftModel.from_pretrained(base, self.run_dir / "adapter").to(acc.device)
             self.model = model
-        report = self.evaluate(model)
+        report = self.evaluate(peft_model)
         report.update(best_step=best_step, adapter_step=best_step or final_step, final_step=final_step,
                       stopped_early=stop_reason is not None, stop_reason=stop_reason or "reached train.max_steps",
                       train_tokens=state["train_tokens"], best_val_loss=state["best_val_loss"],
                       processes=acc.num_processes, global_batch_rows=self._global_batch,
                       baseline=state["baseline"], method=self.config.method.name, **self._params,
-                      tokens_per_s=getattr(self, "_throughput", None))  # fmt: skip
+                      tokens_per_s=getattr(self, "_throughput", None), compiled=self._compiled,
+                      first_step_s=getattr(self, "_first_step_s", None))  # fmt: skip
         if acc.is_main_process:  # diagnostics need no other process; generation runs on one
             report.update(self._diagnostics(peft_model, best_step))
         report["verdict"] = verdict(report, self.config.eval)

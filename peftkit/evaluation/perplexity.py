@@ -8,6 +8,7 @@ from contextlib import nullcontext
 import torch
 import torch.nn.functional as F
 
+from peftkit import speed
 from peftkit.data import IGNORE_INDEX
 from peftkit.methods import sequence_logits
 from peftkit.progress import bar
@@ -33,14 +34,18 @@ def nll(model, input_ids: torch.Tensor, labels: torch.Tensor, batch_size: int, a
             progress.update(min(batch_size, len(mine) - start) * world)
             index = mine[start : start + batch_size]
             x, y = input_ids[index].to(device), labels[index].to(device)
-            logits = sequence_logits(model, x)[:, :-1]
             target = y[:, 1:]
-            loss = F.cross_entropy(
-                logits.float().reshape(-1, logits.size(-1)),
-                target.reshape(-1),
-                ignore_index=IGNORE_INDEX,
-                reduction="sum",
-            )
+            if speed.chunked_matches(model, x[:1], y[:1]):  # never all of the batch's logits at once
+                decoder, head = speed.decoder_and_head(model)
+                loss = speed.nll_sum(head, speed.hidden_states(decoder, x), y)
+            else:
+                logits = sequence_logits(model, x)[:, :-1]
+                loss = F.cross_entropy(
+                    logits.float().reshape(-1, logits.size(-1)),
+                    target.reshape(-1),
+                    ignore_index=IGNORE_INDEX,
+                    reduction="sum",
+                )
             totals += torch.stack([loss.double(), (target != IGNORE_INDEX).sum().double()])
     model.train(was_training)
     if world > 1:

@@ -1,0 +1,209 @@
+"""The fast training path: the loss without the full logits, regional compilation, thread settings.
+
+A causal LM's loss is usually computed from logits over the whole vocabulary for every position:
+for SmolLM2 (49,152 tokens) a batch of 8 x 512 tokens makes 805 MB of fp32 logits, plus their
+bf16 copy and gradient, which dominates a LoRA run's memory. Here the decoder's last hidden states
+go through the output layer a chunk of positions at a time, under activation checkpointing, so at
+most one chunk of logits exists at once, in the forward pass and in the backward pass alike.
+
+`TrainingForward` is the module Accelerate prepares (DDP needs the whole training forward to pass
+through the wrapped module). Prompt-learning methods, whose forward prepends virtual tokens, and
+models whose loss is not plain cross-entropy over `lm_head(hidden)` (checked once per model, on a
+real batch) take the model's own forward instead.
+
+Regional compilation compiles each decoder layer (`nn.Module.compile`); the layers share one
+compiled graph, so compiling costs seconds rather than minutes, and inductor's cache
+($PEFTKIT_CACHE/inductor) makes the next run start faster still. Evaluation and generation run
+eagerly (`eager()`): their shapes vary, and recompiling for each would cost more than it saves.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import weakref
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from peftkit.data import IGNORE_INDEX
+
+CHUNK_TOKENS = 512  # positions per output-layer chunk: 512 x 49152 fp32 logits = 100 MB
+COMPILE_MIN_PARAMS = 50_000_000  # 'auto' compiles models at least this big: smaller ones train in seconds anyway
+CHECK_TOLERANCE = 1e-3  # relative difference allowed between the chunked loss and the model's own loss
+
+_verified: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # base model -> chunked loss == its own
+
+
+def _base(model):
+    model = getattr(model, "module", model)  # DDP
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def decoder_and_head(model):
+    """(decoder, output layer) of a causal LM, or None where the chunked loss cannot be used."""
+    from peftkit.methods import is_prompt_learning
+
+    if is_prompt_learning(getattr(model, "module", model)):
+        return None
+    base = _base(model)
+    decoder = base.get_decoder() if hasattr(base, "get_decoder") else None
+    head = base.get_output_embeddings()
+    if decoder is None or decoder is base or head is None:
+        return None
+    return decoder, head
+
+
+def _chunk_nll(head: nn.Module, hidden: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(head(hidden).float(), target, ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+_compiled_chunk_nll = None
+
+
+def _compiled():
+    """`_chunk_nll` compiled: fp32 upcast, log-softmax and its gradient fused over the vocabulary."""
+    global _compiled_chunk_nll
+    if _compiled_chunk_nll is None:
+        _compiled_chunk_nll = torch.compile(_chunk_nll)
+    return _compiled_chunk_nll
+
+
+def nll_sum(
+    head: nn.Module, hidden: torch.Tensor, labels: torch.Tensor, chunk: int = CHUNK_TOKENS, compiled: bool = False
+) -> torch.Tensor:
+    """Summed next-token cross-entropy (fp32) of `labels` given `hidden` = the decoder's output.
+
+    Equal to `F.cross_entropy(head(hidden)[:, :-1], labels[:, 1:], reduction="sum")`, but only
+    `chunk` positions' logits exist at a time; with gradients enabled each chunk is recomputed in
+    the backward pass instead of being kept. `compiled`: each chunk runs through torch.compile.
+    """
+    hidden = hidden[:, :-1].reshape(-1, hidden.shape[-1])
+    target = labels[:, 1:].reshape(-1)
+    loss = _compiled() if compiled else _chunk_nll
+
+    def part(h, y):
+        return loss(head, h, y)
+
+    total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+    grad = torch.is_grad_enabled() and hidden.requires_grad
+    for start in range(0, hidden.shape[0], chunk):
+        h, y = hidden[start : start + chunk], target[start : start + chunk]
+        total = total + (checkpoint(part, h, y, use_reentrant=False) if grad else part(h, y))
+    return total
+
+
+def hidden_states(decoder: nn.Module, input_ids: torch.Tensor, **kwargs) -> torch.Tensor:
+    return decoder(input_ids=input_ids, use_cache=False, **kwargs).last_hidden_state
+
+
+def model_loss(model, input_ids: torch.Tensor, labels: torch.Tensor, **kwargs) -> torch.Tensor:
+    """The model's own mean next-token loss (its forward materialises every logit)."""
+    return model(input_ids=input_ids, labels=labels, use_cache=False, **kwargs).loss
+
+
+def chunked_matches(model, input_ids: torch.Tensor, labels: torch.Tensor, **kwargs) -> bool:
+    """Does the chunked loss reproduce the model's own loss on this batch? Checked once per model."""
+    parts = decoder_and_head(model)
+    if parts is None:
+        return False
+    if not (labels[:, 1:] != IGNORE_INDEX).any():
+        return False  # nothing to compare on this batch; decide on a later one
+    key = _base(model)
+    if key not in _verified:
+        with torch.no_grad():
+            n = (labels[:, 1:] != IGNORE_INDEX).sum()
+            ours = nll_sum(parts[1], hidden_states(parts[0], input_ids, **kwargs), labels) / n
+            theirs = model_loss(model, input_ids, labels, **kwargs).float()
+        _verified[key] = bool(torch.isclose(ours, theirs, rtol=CHECK_TOLERANCE, atol=CHECK_TOLERANCE))
+    return _verified[key]
+
+
+class TrainingForward(nn.Module):
+    """input_ids, labels -> mean next-token loss over the labelled positions of the batch.
+
+    `chunked=True` computes it from hidden states chunk by chunk (see `nll_sum`); otherwise, or
+    where the model does not allow it, through the model's own forward. `autocast=True` (the
+    forward runs under autocast): adapter layers leave their inputs in the compute dtype instead of
+    casting them to their fp32 weights' dtype, so no fp32 copy of each input is kept for backward;
+    autocast still runs their matmuls in bf16 against the fp32 weights.
+    """
+
+    def __init__(self, peft_model: nn.Module, chunked: bool = True, autocast: bool = False):
+        super().__init__()
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        self.peft_model = peft_model
+        self.chunked = chunked
+        # peft's switch exists on most tuner layers (not IA3's in peft 0.21): leave all or none alone
+        tuners = [m for m in peft_model.modules() if isinstance(m, BaseTunerLayer)]
+        self.autocast = autocast and all(hasattr(m, "cast_input_dtype_enabled") for m in tuners)
+        self.compiled_loss = False  # set by the trainer when it compiles
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, **kwargs) -> torch.Tensor:
+        from peft.helpers import disable_input_dtype_casting
+
+        with disable_input_dtype_casting(self.peft_model, active=self.autocast):
+            parts = decoder_and_head(self.peft_model) if self.chunked else None
+            if parts is None:
+                return model_loss(self.peft_model, input_ids, labels, **kwargs)
+            decoder, head = parts
+            n = (labels[:, 1:] != IGNORE_INDEX).sum().clamp(min=1)
+            return nll_sum(head, hidden_states(decoder, input_ids, **kwargs), labels, compiled=self.compiled_loss) / n
+
+
+def compile_wanted(setting: str, model: nn.Module) -> tuple[bool, str]:
+    """Whether to compile ('auto': models of 50M+ parameters where a C++ compiler exists), and why not.
+
+    Prompt-learning methods and quantized bases always run eagerly."""
+    from peftkit.methods import is_prompt_learning
+
+    if setting == "false":
+        return False, "train.compile=false"
+    if is_prompt_learning(model):
+        return False, "prompt-learning methods run eagerly (their forward feeds virtual tokens or a prefix cache)"
+    if getattr(_base(model), "is_quantized", False):
+        return False, "quantized (bitsandbytes) bases run eagerly"
+    if torch.device(_device(model)).type == "cpu" and not shutil.which(os.environ.get("CXX", "g++")):
+        why = "no C++ compiler (g++) found, which torch.compile needs on the CPU; install one (apt install g++)"
+        if setting == "true":
+            from peftkit.errors import PeftkitError
+
+            raise PeftkitError(f"train.compile=true: {why}, or set train.compile=false")
+        return False, why
+    if setting == "auto" and sum(p.numel() for p in model.parameters()) < COMPILE_MIN_PARAMS:
+        return False, f"train.compile=auto: models under {COMPILE_MIN_PARAMS // 1_000_000}M parameters run eagerly"
+    return True, ""
+
+
+def _device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def compile_layers(model: nn.Module, cache_dir) -> int:
+    """Compile every decoder layer in place (regional compilation); returns how many were compiled."""
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir))
+    decoder = decoder_and_head(model)
+    layers = getattr(decoder[0], "layers", None) if decoder else None
+    if not isinstance(layers, nn.ModuleList):
+        return 0
+    for layer in layers:
+        layer.compile()
+    return len(layers)
+
+
+@contextmanager
+def eager():
+    """Run compiled modules eagerly inside (evaluation, generation: shapes vary, compiling would not pay)."""
+    with torch.compiler.set_stance("force_eager"):
+        yield
+
+
+def set_threads(processes_here: int) -> int:
+    """Share the CPU cores between the processes of this machine (torch uses them all in each by default)."""
+    if "OMP_NUM_THREADS" not in os.environ and processes_here > 1:
+        torch.set_num_threads(max(1, torch.get_num_threads() // processes_here))
+    return torch.get_num_threads()
