@@ -94,6 +94,12 @@ class DataConfig:
         "k-fold cross-validation: pool train and validation, split them into this many folds by content hash; 0 = off",
     )
     fold: int = _f(0, "the fold held out for validation when data.folds > 0")
+    dedup: str = _f(
+        "near",
+        "drop duplicate documents before splitting, keeping the first: 'exact' (same words, ignoring case and "
+        "punctuation), 'near' (also 5-gram Jaccard >= 0.8), 'none'",
+        ("near", "exact", "none"),
+    )
     separate_documents: bool = _f(
         True,
         "in training, documents packed into one row do not attend to each other: position ids restart at each "
@@ -203,7 +209,7 @@ class TrainConfig:
         ("auto", "true", "false"),
     )
     chunked_loss: bool = _f(
-        True, "cross-entropy over chunks of 1024 positions, recomputed in backward: all logits never exist at once"
+        True, "cross-entropy over chunks of 512 positions, recomputed in backward: all logits never exist at once"
     )
     gradient_checkpointing: bool = _f(
         False, "recompute each decoder layer in backward: far less activation memory, about 25% slower"

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from peftkit import assets
+from peftkit import assets, dedup
 from peftkit.config import DataConfig
 from peftkit.corpora import split_of
 from peftkit.errors import PeftkitError
@@ -165,11 +165,11 @@ def _source_split(config: DataConfig, split: str, log=lambda _: None) -> list[st
         if not file.exists():
             raise PeftkitError(f"data.source: {path} has no {split}.jsonl; a folder source needs train, "
                                "validation and test .jsonl files, or point data.source at one file")  # fmt: skip
-        return read_documents(file, config=config)
+        return _deduplicated(read_documents(file, config=config), config, str(file), log)
     if path.is_dir() and any((path / name).exists() for name in ("dataset_info.json", "dataset_dict.json")):
         docs, presplit = _saved_dataset(path, split, config)
         if presplit:
-            return docs
+            return _deduplicated(docs, config, f"{path} ({split})", log)
     elif path.is_dir():
         files = sorted(path.rglob("*.txt"))
         if files and config.format != "text":
@@ -181,10 +181,48 @@ def _source_split(config: DataConfig, split: str, log=lambda _: None) -> list[st
         docs = [text for text in (_read_utf8(f).strip() for f in files) if text]  # one document per file
     else:
         docs = read_documents(path, config=config)
+    docs = _deduplicated(docs, config, str(path), log)
     docs = [d for d in docs if split_of("text:" + d, config.validation_share, config.test_share) == split]
     if not docs:
         raise PeftkitError(f"data.source: {path} gives an empty {split} split; add documents")
     return docs
+
+
+_DEDUPLICATED: dict[tuple, list[int]] = {}  # (mode, documents' hash) -> kept indexes: each split reads the source
+
+
+def _deduplicated(docs: list[str], config: DataConfig, where: str, log=lambda _: None) -> list[str]:
+    """`docs` without exact or near duplicates (data.dedup), the first of each group kept."""
+    if config.dedup == "none":
+        return docs
+    key = (config.dedup, hashlib.sha256("\x00".join(docs).encode("utf-8", "surrogatepass")).hexdigest())
+    if key not in _DEDUPLICATED:
+        # near-duplicate search takes ~15 s per 30k documents: large corpora remember it on disk
+        stored = assets.cache_dir() / "dedup" / f"{key[0]}-{key[1][:32]}.npy" if len(docs) >= 1000 else None
+        try:
+            keep = np.load(stored).tolist() if stored and stored.exists() else None
+        except (OSError, ValueError):
+            keep = None  # a damaged cache entry is rebuilt below
+        if keep is None:
+            keep, dropped = dedup.unique(docs, near=config.dedup == "near")
+            if dropped["exact"] or dropped["near"]:
+                log(f"{where}: dropped {dropped['exact']:,} exact and {dropped['near']:,} near duplicates of "
+                    f"{len(docs):,} documents (data.dedup={config.dedup})")  # fmt: skip
+            if stored:
+                _store(stored, np.asarray(keep, dtype=np.int64))
+        _DEDUPLICATED[key] = keep
+    return [docs[i] for i in _DEDUPLICATED[key]]
+
+
+def _store(path: Path, array: np.ndarray) -> None:
+    """Write a cache file atomically; a full or read-only cache never stops a run."""
+    partial = path.with_name(f"{path.stem}.{os.getpid()}.tmp.npy")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        np.save(partial, array)
+        os.replace(partial, path)
+    except OSError:
+        partial.unlink(missing_ok=True)
 
 
 def _saved_dataset(path: Path, split: str, config: DataConfig) -> tuple[list[str], bool]:

@@ -14,6 +14,7 @@ from collections import Counter, defaultdict
 
 SHINGLE = 5
 NEAR_DUPLICATE_JACCARD = 0.8
+COMMON_SHINGLE = 64  # a shingle indexed for this many documents is boilerplate: stop indexing it
 _WORD = re.compile(r"\w+")
 
 
@@ -66,3 +67,35 @@ def find_leaks(train: list[str], held_out: list[str], threshold: float = NEAR_DU
         "share": len(found) / max(len(held_out), 1),
         "examples": [{"held_out": i, "train": j, "jaccard": jac, "text": held_out[i][:100]} for i, (j, jac) in kept],
     }
+
+
+def unique(texts: list[str], near: bool = True, threshold: float = NEAR_DUPLICATE_JACCARD) -> tuple[list[int], dict]:
+    """Indexes of the documents to keep -- the first of each group of exact (and, with `near`, near)
+    duplicates, in order -- and counts {"exact": n, "near": n} of those dropped.
+
+    Each document is compared with the kept ones through an inverted index of their shingles.
+    Shingles shared by more than COMMON_SHINGLE kept documents (boilerplate) stop being indexed, which
+    bounds the work; it can only under-count shared shingles, so it never invents a duplicate.
+    """
+    prints: set[str] = set()
+    index: dict[int, list[int]] = defaultdict(list)
+    sizes: dict[int, int] = {}
+    keep, dropped = [], {"exact": 0, "near": 0}
+    for i, text in enumerate(texts):
+        fingerprint = _fingerprint(text)
+        if fingerprint in prints:
+            dropped["exact"] += 1
+            continue
+        if near:
+            own = shingles(text)
+            shared = Counter(k for h in own for k in index.get(h, ()))
+            if any(common / (len(own) + sizes[k] - common) >= threshold for k, common in shared.items()):
+                dropped["near"] += 1
+                continue
+            for h in own:
+                if len(index[h]) < COMMON_SHINGLE:
+                    index[h].append(i)
+            sizes[i] = len(own)
+        prints.add(fingerprint)
+        keep.append(i)
+    return keep, dropped

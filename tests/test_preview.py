@@ -43,7 +43,8 @@ def test_preview_marks_the_prompt_of_instruction_data(tiny_config, tmp_path):
         rows = [{"prompt": "the patient", "response": "received aspirin and recovered ."} for _ in range(40)]
         (folder / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     config = dataclasses.replace(tiny_config, data=dataclasses.replace(tiny_config.data, source=str(folder),
-                                                                       format="instruction", seq_len=64))  # fmt: skip
+                                                                       format="instruction", seq_len=64,
+                                                                       dedup="none"))  # repeated on purpose  # fmt: skip
     p = preview(config, timed_steps=1, log=lambda _: None)
     assert p["example"].startswith(
         "[no loss: the patient] received aspirin and recovered . [EOS] [no loss: the patient]"

@@ -111,3 +111,34 @@ def test_tokenisation_cache_is_keyed_by_documents_and_tokenizer(tmp_path, monkey
         entry.write_bytes(b"damaged")
     assert len(data.tokenize_cached(build_tokenizer(), docs)) == 1200 and calls[-1] == 1200  # rebuilt, no error
     assert len(calls) == 4
+
+
+def test_exact_and_near_duplicates_are_dropped_before_the_split_keeping_the_first(tmp_path):
+    import random
+
+    from peftkit.dedup import unique
+
+    rng = random.Random(3)
+    words = [f"w{i}" for i in range(500)]
+    originals = [" ".join(rng.choice(words) for _ in range(60)) for _ in range(40)]
+    near = originals[5].split()
+    near[30] = "changed"  # one word of 60: 5-gram Jaccard 0.85
+    exact = originals[7].upper() + " !"  # same words, other case and punctuation
+    texts = [*originals, " ".join(near), exact]
+    keep, dropped = unique(texts)
+    assert keep == list(range(40)) and dropped == {"exact": 1, "near": 1}
+    keep, dropped = unique(texts, near=False)
+    assert keep == list(range(41)) and dropped == {"exact": 1, "near": 0}
+    distant = originals[9].split()
+    distant[10:30] = ["x"] * 20  # a third of the words changed: a different document
+    assert unique([originals[9], " ".join(distant)])[0] == [0, 1]
+
+    source = tmp_path / "corpus.jsonl"
+    source.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    logs = []
+    pooled = {mode: sum((load_split(DataConfig(source=str(source), dedup=mode), split, log=logs.append)
+                         for split in ("train", "validation", "test")), [])  # fmt: skip
+              for mode in ("near", "exact", "none")}  # fmt: skip
+    assert sorted(pooled["near"]) == sorted(originals)
+    assert len(pooled["exact"]) == 41 and len(pooled["none"]) == 42
+    assert any("dropped 1 exact and 1 near duplicates of 42 documents" in line for line in logs)
