@@ -451,12 +451,23 @@ def tokenize_cached(tokenizer, docs: list[str], log=lambda _: None) -> list[np.n
     """`tokenize`, remembered in $PEFTKIT_CACHE/tokens/ under a key made of the documents' text (so the
     files' content and every data setting that shapes them) and the tokenizer's full definition:
     a second run starts at once, and a change to any of them tokenises again."""
+    return [ids for ids, _ in encode_cached(tokenizer, docs, None, log)]
+
+
+def encode_cached(tokenizer, docs: list[str], config: DataConfig | None, log=lambda _: None
+                  ) -> list[tuple[np.ndarray, np.ndarray]]:  # fmt: skip
+    """`encode`, cached like `tokenize_cached`; instruction and chat examples add the chat template,
+    the format and data.train_on_prompt to the key."""
     if len(docs) < 1000:  # small corpora tokenise in well under a second
-        return tokenize(tokenizer, docs)
+        return encode(tokenizer, docs, config)
+    text = config is None or config.format == "text"
     digest = hashlib.sha256()
     backend = getattr(tokenizer, "backend_tokenizer", None)
     digest.update((backend.to_str() if backend is not None else repr(tokenizer)).encode())
     digest.update(f"eos={tokenizer.eos_token_id}".encode())
+    if not text:
+        settings = (config.format, config.train_on_prompt, getattr(tokenizer, "chat_template", None))
+        digest.update(json.dumps(settings).encode())
     for doc in docs:
         digest.update(doc.encode("utf-8", "surrogatepass"))
         digest.update(b"\0")
@@ -465,17 +476,22 @@ def tokenize_cached(tokenizer, docs: list[str], log=lambda _: None) -> list[np.n
         try:
             with np.load(path) as stored:
                 flat, ends = stored["flat"], stored["ends"]
+                flat_labels = flat if text else stored["labels"]
             if len(ends) == len(docs):
                 log(f"tokenised documents from the cache ({path.name})")
-                return np.split(flat, ends[:-1])
+                ids, labels = np.split(flat, ends[:-1]), np.split(flat_labels, ends[:-1])
+                return list(zip(ids, labels, strict=True))
         except (OSError, ValueError, KeyError):
             pass  # a damaged cache entry is rebuilt below
-    tokens = tokenize(tokenizer, docs)
+    pairs = encode(tokenizer, docs, config)
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(f"{path.stem}.{os.getpid()}.tmp.npz")
+    arrays = {"flat": np.concatenate([p[0] for p in pairs]), "ends": np.cumsum([len(p[0]) for p in pairs])}
+    if not text:
+        arrays["labels"] = np.concatenate([p[1] for p in pairs])
     try:
-        np.savez(partial, flat=np.concatenate(tokens), ends=np.cumsum([len(t) for t in tokens]))
+        np.savez(partial, **arrays)
         os.replace(partial, path)
     except OSError:  # a full or read-only cache never stops training
         partial.unlink(missing_ok=True)
-    return tokens
+    return pairs

@@ -286,7 +286,7 @@ class Trainer:
         if cfg.data.format == "text":
             tokens = data.tokenize_cached(self.tokenizer, augmented, self.log)
         else:
-            pairs = data.encode(self.tokenizer, augmented, cfg.data)
+            pairs = data.encode_cached(self.tokenizer, augmented, cfg.data, self.log)
             tokens, labels = [p[0] for p in pairs], [p[1] for p in pairs]
         if len(tokens) > len(docs):
             self.log(f"sentence_shuffle: {len(tokens) - len(docs):,} reordered copies added to {len(docs):,} documents")

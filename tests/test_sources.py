@@ -142,3 +142,30 @@ def test_exact_and_near_duplicates_are_dropped_before_the_split_keeping_the_firs
     assert sorted(pooled["near"]) == sorted(originals)
     assert len(pooled["exact"]) == 41 and len(pooled["none"]) == 42
     assert any("dropped 1 exact and 1 near duplicates of 42 documents" in line for line in logs)
+
+
+def test_instruction_encodings_are_cached_with_their_labels_and_settings(tmp_path, monkeypatch):
+    import random
+
+    import numpy as np
+
+    from peftkit import data
+    from tests.conftest import build_tokenizer
+
+    monkeypatch.setenv("PEFTKIT_CACHE", str(tmp_path))
+    calls = []
+    real = data.encode
+    monkeypatch.setattr(data, "encode", lambda tok, docs, config: calls.append(len(docs)) or real(tok, docs, config))
+    rng = random.Random(0)
+    config = DataConfig(format="instruction")
+    docs = [json.dumps([{"role": "user", "content": f"the patient {rng.choice(['received', 'was given'])}"},
+                        {"role": "assistant", "content": "aspirin ."}]) for _ in range(1100)]  # fmt: skip
+    tokenizer = build_tokenizer()
+    first = data.encode_cached(tokenizer, docs, config)
+    again = data.encode_cached(tokenizer, docs, config)
+    assert calls == [1100]
+    for (ids, labels), (ids2, labels2) in zip(first, again, strict=True):
+        assert np.array_equal(ids, ids2) and np.array_equal(labels, labels2)
+    assert any((labels == -100).any() for _, labels in again)  # the prompt masking came back too
+    data.encode_cached(tokenizer, docs, DataConfig(format="instruction", train_on_prompt=True))
+    assert calls == [1100, 1100]  # another setting: encoded again
