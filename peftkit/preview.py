@@ -8,6 +8,7 @@ training step of the real model on this machine.
 from __future__ import annotations
 
 import time
+from contextlib import nullcontext
 
 import numpy as np
 import torch
@@ -89,41 +90,49 @@ def _decode_marking_eos(tokenizer, ids: np.ndarray) -> str:
     return " [EOS] ".join(parts).strip()
 
 
+RUNTIME_MB = 450  # Python, torch, transformers and peft loaded, before any weights (measured: ~450 MB)
+
+
 def _cost(config: Config, tokenizer, timed_steps: int, log) -> dict:
     """Trainable parameters, a memory estimate and tokens/s of the real training step on this machine."""
     acc = models.make_accelerator(config.train.mixed_precision)
     model = methods.apply(config.method, models.load_model(config.model, log=log))
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    cfg = model.config
     batch, seq_len = config.train.batch_size, config.data.seq_len
-    # fp32 logits and their gradient dominate for large vocabularies unless the loss is chunked; per
-    # layer ~16 hidden-size and 2 intermediate-size activations kept for backward (bf16/fp32 mix: 4
-    # bytes each, a rough bound), or only the layer's input with activation checkpointing
+    # the logits of one loss chunk (or of the whole batch without chunking), fp32, and their gradient
     logit_rows = min(speed.CHUNK_TOKENS, batch * seq_len) if config.train.chunked_loss else batch * seq_len
-    logits = 2 * logit_rows * cfg.vocab_size * 4
-    per_token = (
-        cfg.hidden_size * 4
-        if config.train.gradient_checkpointing
-        else (16 * cfg.hidden_size + 2 * cfg.intermediate_size) * 4
-    )
-    activations = cfg.num_hidden_layers * batch * seq_len * per_token
+    logits = 2 * logit_rows * model.config.vocab_size * 4
     optimizer = trainable * 4 * 3  # fp32 gradient and two Adam moments
     optim = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-9)
     autocast = acc.mixed_precision in ("bf16", "fp16")
     forward = acc.prepare(speed.TrainingForward(model, chunked=config.train.chunked_loss, autocast=autocast))
     timed_batch = min(batch, 2)  # tokens/s barely depends on the batch here; keep the preview quick
     rows = torch.randint(0, len(tokenizer), (timed_batch, seq_len), device=acc.device)
+    if config.train.gradient_checkpointing:
+        model.get_base_model().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     forward.train()
-    times = []
-    for _ in range(timed_steps + 1):  # the first step warms up and is not timed
+    times, kept = [], {}
+
+    def keep(tensor):  # what autograd keeps for backward: each storage once
+        storage = tensor.untyped_storage()
+        kept[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    for step in range(timed_steps + 1):  # the first step warms up, is not timed, and is measured
         start = time.perf_counter()
-        acc.backward(forward(rows, rows))
+        with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t) if step == 0 else nullcontext():
+            loss = forward(rows, rows)
+        acc.backward(loss)
         optim.step()
         optim.zero_grad(set_to_none=True)
         times.append(time.perf_counter() - start)
     tokens_per_s = timed_batch * seq_len / (sum(times[1:]) / max(len(times) - 1, 1))
-    return {"trainable_params": trainable, "memory_estimate_mb": (weight_bytes + logits + activations + optimizer) / 2**20,
+    # activations scale with the rows per micro-batch (weights, which autograd also "keeps", do not)
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    activations = sum(n for ptr, n in kept.items() if ptr not in weights) * batch / timed_batch
+    estimate = (weight_bytes + logits + activations + optimizer) / 2**20 + RUNTIME_MB
+    return {"trainable_params": trainable, "memory_estimate_mb": estimate,
             "tokens_per_s": tokens_per_s}  # fmt: skip
 
 
@@ -142,8 +151,10 @@ def format_preview(p: dict, config: Config) -> str:
         f"loss on {p['loss_token_share']:.2%} of the tokens (format {config.data.format}"
         + ("; every token but a row's first)" if config.data.format == "text" else "; responses only)"),
         f"{config.method.name}: {p['trainable_params']:,} trainable parameters",
-        f"memory estimate: ~{p['memory_estimate_mb']:,.0f} MB, a rough upper bound (weights, optimizer state, "
-        f"activations, fp32 logits) for batch {config.train.batch_size} x {config.data.seq_len}",
+        f"memory estimate: ~{p['memory_estimate_mb']:,.0f} MB for batch {config.train.batch_size} x "
+        f"{config.data.seq_len}: weights, optimizer state, loss logits and the activations one eager step kept "
+        f"for backward (measured; compiled layers keep fewer), and {RUNTIME_MB} MB for Python and the libraries; "
+        "the allocator can hold ~20% more at peak",
         f"speed: {p['tokens_per_s']:,.0f} tokens/s measured on this machine (eagerly; train.compile is often "
         f"faster) -> one epoch "
         f"{duration(p['seconds_per_epoch'])}; train.max_steps={config.train.max_steps} "

@@ -51,3 +51,17 @@ def test_preview_marks_the_prompt_of_instruction_data(tiny_config, tmp_path):
     )
     assert p["splits"]["train"]["loss_share"] == 6 / 8  # 5 response words + EOS of 8 tokens
     assert "responses only" in format_preview(p, config)
+
+
+def test_memory_estimate_is_measured_from_what_a_step_keeps(tiny_config):
+    """Activations kept for backward grow with the batch and shrink with activation checkpointing."""
+    import dataclasses
+
+    def estimate(**train):
+        config = dataclasses.replace(tiny_config, train=dataclasses.replace(tiny_config.train, **train))
+        return preview(config, timed_steps=1, log=lambda _: None)["memory_estimate_mb"]
+
+    four, eight = estimate(batch_size=4), estimate(batch_size=8)
+    checkpointed = estimate(batch_size=8, gradient_checkpointing=True)
+    assert eight - four > 0.1  # MB: 4 more rows of 32 tokens through the tiny model
+    assert checkpointed < eight - 0.5 * (eight - four)
