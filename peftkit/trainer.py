@@ -193,10 +193,12 @@ class Trainer:
                 self._first_step_s = seconds
                 if self._compiled:
                     self.log(f"first step {seconds:.1f} s, compilation included")
-            train_seconds += seconds  # evaluation time is not training throughput
-            self._throughput = tokens_per_step * (done - start) / train_seconds
+            else:  # steady state: the first step (warm-up, compilation) is reported apart, as first_step_s
+                train_seconds += seconds  # evaluation time is not training throughput
+            timed = (done - start - 1, train_seconds) if done > start + 1 else (1, seconds)
+            self._throughput = tokens_per_step * timed[0] / timed[1]
             record = {"step": done, "loss": step_loss, "lr": scheduler.get_last_lr()[0], "tokens": state["train_tokens"],
-                      "tokens_per_s": tokens_per_step * (done - start) / train_seconds}  # fmt: skip
+                      "tokens_per_s": self._throughput}  # fmt: skip
             if grad_norm is not None:
                 record["grad_norm"] = float(grad_norm)
             if not finite:
