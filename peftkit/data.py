@@ -14,6 +14,7 @@ import json
 import os
 import random
 import re
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -198,10 +199,11 @@ def _deduplicated(docs: list[str], config: DataConfig, where: str, log=lambda _:
     key = (config.dedup, hashlib.sha256("\x00".join(docs).encode("utf-8", "surrogatepass")).hexdigest())
     if key not in _DEDUPLICATED:
         # near-duplicate search takes ~15 s per 30k documents: large corpora remember it on disk
-        stored = assets.cache_dir() / "dedup" / f"{key[0]}-{key[1][:32]}.npy" if len(docs) >= 1000 else None
+        stored = assets.cache_dir() / "dedup" / f"{key[0]}-{key[1][:32]}.npz" if len(docs) >= 1000 else None
         try:
-            keep = np.load(stored).tolist() if stored and stored.exists() else None
-        except (OSError, ValueError):
+            with np.load(stored) if stored and stored.exists() else nullcontext() as found:
+                keep = found["keep"].tolist() if found is not None else None
+        except (OSError, ValueError, KeyError):
             keep = None  # a damaged cache entry is rebuilt below
         if keep is None:
             keep, dropped = dedup.unique(docs, near=config.dedup == "near")
@@ -209,17 +211,17 @@ def _deduplicated(docs: list[str], config: DataConfig, where: str, log=lambda _:
                 log(f"{where}: dropped {dropped['exact']:,} exact and {dropped['near']:,} near duplicates of "
                     f"{len(docs):,} documents (data.dedup={config.dedup})")  # fmt: skip
             if stored:
-                _store(stored, np.asarray(keep, dtype=np.int64))
+                _store(stored, keep=np.asarray(keep, dtype=np.int64))
         _DEDUPLICATED[key] = keep
     return [docs[i] for i in _DEDUPLICATED[key]]
 
 
-def _store(path: Path, array: np.ndarray) -> None:
-    """Write a cache file atomically; a full or read-only cache never stops a run."""
-    partial = path.with_name(f"{path.stem}.{os.getpid()}.tmp.npy")
+def _store(path: Path, **arrays: np.ndarray) -> None:
+    """Write a cache file (.npz) atomically; a full or read-only cache never stops a run."""
+    partial = path.with_name(f"{path.stem}.{os.getpid()}.tmp.npz")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        np.save(partial, array)
+        np.savez(partial, **arrays)
         os.replace(partial, path)
     except OSError:
         partial.unlink(missing_ok=True)
@@ -484,14 +486,8 @@ def encode_cached(tokenizer, docs: list[str], config: DataConfig | None, log=lam
         except (OSError, ValueError, KeyError):
             pass  # a damaged cache entry is rebuilt below
     pairs = encode(tokenizer, docs, config)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f"{path.stem}.{os.getpid()}.tmp.npz")
     arrays = {"flat": np.concatenate([p[0] for p in pairs]), "ends": np.cumsum([len(p[0]) for p in pairs])}
     if not text:
         arrays["labels"] = np.concatenate([p[1] for p in pairs])
-    try:
-        np.savez(partial, **arrays)
-        os.replace(partial, path)
-    except OSError:  # a full or read-only cache never stops training
-        partial.unlink(missing_ok=True)
+    _store(path, **arrays)
     return pairs

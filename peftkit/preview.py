@@ -105,12 +105,9 @@ def _cost(config: Config, tokenizer, timed_steps: int, log) -> dict:
     logits = 2 * logit_rows * model.config.vocab_size * 4
     optimizer = trainable * 4 * 3  # fp32 gradient and two Adam moments
     optim = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-9)
-    autocast = acc.mixed_precision in ("bf16", "fp16")
-    forward = acc.prepare(speed.TrainingForward(model, chunked=config.train.chunked_loss, autocast=autocast))
+    forward = acc.prepare(speed.training_forward(model, config.train, acc.mixed_precision))
     timed_batch = min(batch, 2)  # tokens/s barely depends on the batch here; keep the preview quick
     rows = torch.randint(0, len(tokenizer), (timed_batch, seq_len), device=acc.device)
-    if config.train.gradient_checkpointing:
-        model.get_base_model().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     forward.train()
     times, kept = [], {}
 

@@ -132,7 +132,9 @@ class TrainingForward(nn.Module):
     autocast still runs their matmuls in bf16 against the fp32 weights.
     """
 
-    def __init__(self, peft_model: nn.Module, chunked: bool = True, autocast: bool = False):
+    def __init__(
+        self, peft_model: nn.Module, chunked: bool = True, autocast: bool = False, compiled_loss: bool = False
+    ):
         super().__init__()
         from peft.tuners.tuners_utils import BaseTunerLayer
 
@@ -141,7 +143,7 @@ class TrainingForward(nn.Module):
         # peft's switch exists on most tuner layers (not IA3's in peft 0.21): leave all or none alone
         tuners = [m for m in peft_model.modules() if isinstance(m, BaseTunerLayer)]
         self.autocast = autocast and all(hasattr(m, "cast_input_dtype_enabled") for m in tuners)
-        self.compiled_loss = False  # set by the trainer when it compiles
+        self.compiled_loss = compiled_loss  # the loss chunk through torch.compile (the trainer compiles)
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, **kwargs) -> torch.Tensor:
         from peft.helpers import disable_input_dtype_casting
@@ -153,6 +155,20 @@ class TrainingForward(nn.Module):
             decoder, head = parts
             n = (labels[:, 1:] != IGNORE_INDEX).sum().clamp(min=1)
             return nll_sum(head, hidden_states(decoder, input_ids, **kwargs), labels, compiled=self.compiled_loss) / n
+
+
+def training_forward(model: nn.Module, train, mixed_precision: str, chunked: bool | None = None,
+                     compiled_loss: bool = False) -> TrainingForward:  # fmt: skip
+    """The TrainingForward for `train` (TrainConfig) settings, activation checkpointing switched on in
+    `model` where asked; `chunked` overrides train.chunked_loss (after a failed check)."""
+    if train.gradient_checkpointing:
+        model.get_base_model().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return TrainingForward(
+        model,
+        chunked=train.chunked_loss if chunked is None else chunked,
+        autocast=mixed_precision in ("bf16", "fp16"),
+        compiled_loss=compiled_loss,
+    )
 
 
 def compile_wanted(setting: str, model: nn.Module) -> tuple[bool, str]:

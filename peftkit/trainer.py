@@ -235,7 +235,6 @@ class Trainer:
         """The training forward: chunked loss (checked against the model's own on a real row),
         autocast-friendly adapter inputs, optional activation checkpointing, regional compilation."""
         train, acc = self.config.train, self.accelerator
-        autocast = acc.mixed_precision in ("bf16", "fp16")
         chunked = train.chunked_loss
         if chunked:
             row = stream.batch(0, 0, 0, 1, 1, 1)
@@ -245,10 +244,6 @@ class Trainer:
             if not chunked:
                 self.log("train.chunked_loss: this model's loss is not plain cross-entropy over its output layer "
                          "(or it prepends virtual tokens); using its own forward, which holds every logit")  # fmt: skip
-        if train.gradient_checkpointing:
-            self.model.get_base_model().gradient_checkpointing_enable(
-                gradient_checkpointing_kwargs={"use_reentrant": False}
-            )
         self._compiled = False
         wanted, why = speed.compile_wanted(train.compile, self.model)
         if wanted:
@@ -260,11 +255,9 @@ class Trainer:
             self.log(f"not compiling: {why}")
         threads = speed.set_threads(int(os.environ.get("LOCAL_WORLD_SIZE", acc.num_processes)))
         self.log(f"training forward: {'chunked' if chunked else 'full-logit'} loss, "
-                 f"{acc.mixed_precision if autocast else 'fp32'} autocast, {threads} threads per process"
+                 f"{acc.mixed_precision if acc.mixed_precision in ('bf16', 'fp16') else 'fp32'} autocast, {threads} threads per process"
                  + (", activation checkpointing" if train.gradient_checkpointing else ""))  # fmt: skip
-        forward = speed.TrainingForward(self.model, chunked=chunked, autocast=autocast)
-        forward.compiled_loss = self._compiled
-        return forward
+        return speed.training_forward(self.model, train, acc.mixed_precision, chunked, self._compiled)
 
     def _save_on_interrupt(self, model, optimizer, scheduler, state: dict) -> None:
         """Ctrl-C: checkpoint the last completed step (one process only: a process group may be gone)."""
