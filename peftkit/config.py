@@ -100,6 +100,12 @@ class DataConfig:
         "punctuation), 'near' (also 5-gram Jaccard >= 0.8), 'none'",
         ("near", "exact", "none"),
     )
+    streaming: str = _f(
+        "auto",
+        "read the corpus one document at a time into memory-mapped token files (cached) instead of loading it "
+        "whole: exact dedup only, held-out splits keep their first 10,000 documents; 'auto' = for sources of 1 GiB+",
+        ("auto", "on", "off"),
+    )
     separate_documents: bool = _f(
         True,
         "in training, documents packed into one row do not attend to each other: position ids restart at each "
@@ -135,6 +141,10 @@ class DataConfig:
         _require(
             0 <= self.fold < max(self.folds, 1), "data.fold", f"must be in [0, {max(self.folds, 1)}), got {self.fold}"
         )
+        _require(self.streaming != "on" or not self.folds, "data.folds",
+                 "cross-validation pools the corpus in memory; it cannot be used with data.streaming=on")  # fmt: skip
+        _require(self.streaming != "on" or "sentence_shuffle" not in self.augment, "data.augment",
+                 "sentence_shuffle copies the corpus in memory; it cannot be used with data.streaming=on")  # fmt: skip
         for key in ("validation_share", "test_share"):
             value = getattr(self, key)
             _require(0 < value < 0.5, f"data.{key}", f"must be between 0 and 0.5, got {value}")

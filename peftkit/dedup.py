@@ -25,14 +25,14 @@ def shingles(text: str, n: int = SHINGLE) -> set[int]:
     return {hash(" ".join(words[i : i + n])) for i in range(len(words) - n + 1)}
 
 
-def _fingerprint(text: str) -> str:
+def fingerprint(text: str) -> str:
     return hashlib.sha1(" ".join(_WORD.findall(text.lower())).encode()).hexdigest()
 
 
 def matches(train: list[str], held_out: list[str], threshold: float = NEAR_DUPLICATE_JACCARD) -> dict[int, tuple]:
     """{held-out index: (train index, Jaccard)} for each held-out document that training also holds,
     identical up to case and punctuation (Jaccard 1.0) or with 5-gram Jaccard >= threshold."""
-    held_prints = {_fingerprint(t): i for i, t in enumerate(held_out)}
+    held_prints = {fingerprint(t): i for i, t in enumerate(held_out)}
     held_sets = [shingles(t) for t in held_out]
     index: dict[int, list[int]] = defaultdict(list)
     for i, s in enumerate(held_sets):
@@ -40,7 +40,7 @@ def matches(train: list[str], held_out: list[str], threshold: float = NEAR_DUPLI
             index[h].append(i)
     found: dict[int, tuple[int, float]] = {}
     for j, text in enumerate(train):
-        i = held_prints.get(_fingerprint(text))
+        i = held_prints.get(fingerprint(text))
         if i is not None:
             found[i] = (j, 1.0)
             continue
@@ -64,6 +64,7 @@ def find_leaks(train: list[str], held_out: list[str], threshold: float = NEAR_DU
         "exact": exact,
         "near": len(found) - exact,
         "held_out_docs": len(held_out),
+        "train_docs": len(train),
         "share": len(found) / max(len(held_out), 1),
         "examples": [{"held_out": i, "train": j, "jaccard": jac, "text": held_out[i][:100]} for i, (j, jac) in kept],
     }
@@ -82,8 +83,8 @@ def unique(texts: list[str], near: bool = True, threshold: float = NEAR_DUPLICAT
     sizes: dict[int, int] = {}
     keep, dropped = [], {"exact": 0, "near": 0}
     for i, text in enumerate(texts):
-        fingerprint = _fingerprint(text)
-        if fingerprint in prints:
+        printed = fingerprint(text)
+        if printed in prints:
             dropped["exact"] += 1
             continue
         if near:
@@ -96,6 +97,6 @@ def unique(texts: list[str], near: bool = True, threshold: float = NEAR_DUPLICAT
                 if len(index[h]) < COMMON_SHINGLE:
                     index[h].append(i)
             sizes[i] = len(own)
-        prints.add(fingerprint)
+        prints.add(printed)
         keep.append(i)
     return keep, dropped

@@ -7,6 +7,7 @@ training step of the real model on this machine.
 
 from __future__ import annotations
 
+import math
 import time
 from contextlib import nullcontext
 
@@ -23,14 +24,25 @@ def preview(config: Config, timed_steps: int = 2, log=print) -> dict:
     tokenizer = models.load_tokenizer(config.model, log=log)
     seq_len, batch = config.data.seq_len, config.train.batch_size
     splits = {}
-    train_docs = data.load_split(config.data, "train", log=log)
-    if config.data.max_train_docs:
-        order = torch.randperm(len(train_docs), generator=torch.Generator().manual_seed(config.seed))
-        train_docs = [train_docs[i] for i in order[: config.data.max_train_docs]]
-    train_docs = data.augment_documents(train_docs, config.data, config.seed)
-    splits["train"] = _count(tokenizer, train_docs, config.seed, config.data)
-    for split in ("validation", "test"):
-        splits[split] = _count(tokenizer, data.load_split(config.data, split), config.seed, config.data)
+    if data.streaming.active(config.data, log):  # counted on the index's sample, never loaded whole
+        stats = data.streaming.train_stats(config.data, log)
+        train_docs = data.streaming.train_sample(config.data, log)
+        share = min(1.0, (config.data.max_train_docs or math.inf) / stats["train"]["documents"])
+        totals = {"documents": round(stats["train"]["documents"] * share),
+                  "characters": round(stats["train"]["characters"] * share)}  # fmt: skip
+        splits["train"] = _count(tokenizer, train_docs, config.seed, config.data, totals)
+        for split in ("validation", "test"):
+            docs = data.load_split(config.data, split)
+            splits[split] = _count(tokenizer, docs, config.seed, config.data, stats[split])
+    else:
+        train_docs = data.load_split(config.data, "train", log=log)
+        if config.data.max_train_docs:
+            order = torch.randperm(len(train_docs), generator=torch.Generator().manual_seed(config.seed))
+            train_docs = [train_docs[i] for i in order[: config.data.max_train_docs]]
+        train_docs = data.augment_documents(train_docs, config.data, config.seed)
+        splits["train"] = _count(tokenizer, train_docs, config.seed, config.data)
+        for split in ("validation", "test"):
+            splits[split] = _count(tokenizer, data.load_split(config.data, split), config.seed, config.data)
     general = data.load_general(config.data)
     if general:
         splits["general"] = _count(tokenizer, general, config.seed)
@@ -54,17 +66,20 @@ def preview(config: Config, timed_steps: int = 2, log=print) -> dict:
     return out
 
 
-def _count(tokenizer, docs: list[str], seed: int, config=None) -> dict:
-    """Documents, tokens (estimated from a sample for large splits) and the share that carries loss."""
+def _count(tokenizer, docs: list[str], seed: int, config=None, totals: dict | None = None) -> dict:
+    """Documents, tokens (estimated from a sample for large splits) and the share that carries loss.
+    `totals`: {"documents", "characters"} of the whole split when `docs` is a sample of it."""
     sample = docs
     if len(docs) > SAMPLE_DOCS:
         sample = [docs[i] for i in np.random.default_rng(seed).choice(len(docs), SAMPLE_DOCS, replace=False)]
     pairs = data.encode(tokenizer, sample, config)
     tokens = sum(len(ids) for ids, _ in pairs)
     share = sum(int((labels != data.IGNORE_INDEX).sum()) for _, labels in pairs) / max(tokens, 1)
-    if len(sample) < len(docs):
-        tokens = int(tokens / sum(len(d) for d in sample) * sum(len(d) for d in docs))
-    return {"documents": len(docs), "tokens": int(tokens), "estimated": len(sample) < len(docs), "loss_share": share}
+    totals = totals or {"documents": len(docs), "characters": sum(len(d) for d in docs)}
+    estimated = len(sample) < totals["documents"]
+    if estimated:  # tokens per character of the sample, times the split's characters
+        tokens = int(tokens / max(sum(len(d) for d in sample), 1) * totals["characters"])
+    return {"documents": totals["documents"], "tokens": int(tokens), "estimated": estimated, "loss_share": share}
 
 
 def _example(tokenizer, docs: list[str], seq_len: int, config=None) -> str:

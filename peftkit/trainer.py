@@ -270,37 +270,47 @@ class Trainer:
 
     def _prepare_data(self):
         cfg = self.config
-        docs = data.load_split(cfg.data, "train", log=self.log)
-        if cfg.data.max_train_docs:
-            order = torch.randperm(len(docs), generator=torch.Generator().manual_seed(cfg.seed))
-            docs = [docs[i] for i in order[: cfg.data.max_train_docs]]
-        self.train_docs = docs  # the corpus as given: the leakage check looks at these
-        # as the model reads them (chat examples rendered): for memorisation and the prompted baseline
-        self.train_texts = docs if cfg.data.format == "text" else data.plain_texts(self.tokenizer, docs[:512], cfg.data)
-        augmented, labels = data.augment_documents(docs, cfg.data, cfg.seed), None
-        if cfg.data.format == "text":
-            tokens = data.tokenize_cached(self.tokenizer, augmented, self.log)
+        if data.streaming.active(cfg.data, self.log):
+            with self.accelerator.main_process_first():  # one process builds the token files, the others read them
+                domain = data.streaming.train_documents(cfg.data, self.tokenizer, self.log)
+            # the leakage check, memorisation and the prompted baseline look at a sample of the corpus
+            self.train_docs = data.streaming.train_sample(cfg.data)
+            if cfg.data.max_train_docs:
+                order = torch.randperm(len(domain), generator=torch.Generator().manual_seed(cfg.seed))
+                domain = domain.select(order[: cfg.data.max_train_docs].numpy())
         else:
-            pairs = data.encode_cached(self.tokenizer, augmented, cfg.data, self.log)
-            tokens, labels = [p[0] for p in pairs], [p[1] for p in pairs]
-        if len(tokens) > len(docs):
-            self.log(f"sentence_shuffle: {len(tokens) - len(docs):,} reordered copies added to {len(docs):,} documents")
+            docs = data.load_split(cfg.data, "train", log=self.log)
+            if cfg.data.max_train_docs:
+                order = torch.randperm(len(docs), generator=torch.Generator().manual_seed(cfg.seed))
+                docs = [docs[i] for i in order[: cfg.data.max_train_docs]]
+            self.train_docs = docs  # the corpus as given: the leakage check looks at these
+            augmented, labels = data.augment_documents(docs, cfg.data, cfg.seed), None
+            if cfg.data.format == "text":
+                tokens = data.tokenize_cached(self.tokenizer, augmented, self.log)
+            else:
+                pairs = data.encode_cached(self.tokenizer, augmented, cfg.data, self.log)
+                tokens, labels = [p[0] for p in pairs], [p[1] for p in pairs]
+            if len(tokens) > len(docs):
+                self.log(f"sentence_shuffle: {len(tokens) - len(docs):,} reordered copies added to {len(docs):,} "
+                         "documents")  # fmt: skip
+            domain = data.Documents.from_arrays(tokens, labels)
+        # as the model reads them (chat examples rendered): for memorisation and the prompted baseline
+        self.train_texts = self.train_docs if cfg.data.format == "text" else data.plain_texts(
+            self.tokenizer, self.train_docs[:512], cfg.data)  # fmt: skip
+        parts = [domain]
         if cfg.data.replay:
             general = data.load_general(cfg.data, log=self.log)
             if not general:
                 raise PeftkitError("data.replay needs data.general_source (general-domain documents to replay)")
-            domain = sum(len(t) for t in tokens)
-            wanted = int(domain * cfg.data.replay / (1 - cfg.data.replay))
+            wanted = int(domain.tokens * cfg.data.replay / (1 - cfg.data.replay))
             replay = data.replay_documents(
                 general, self.tokenizer, max(cfg.eval.val_tokens, cfg.eval.test_tokens), wanted
             )
-            self.log(
-                f"replay: {sum(len(t) for t in replay):,} tokens of general text mixed into {domain:,} domain tokens"
-            )
-            tokens = tokens + replay
-            labels = labels + replay if labels is not None else None  # general text: loss on every token
-        stream = data.PackedRows(tokens, cfg.data.seq_len, cfg.seed, labels)
-        if labels is not None:
+            self.log(f"replay: {sum(len(t) for t in replay):,} tokens of general text mixed into {domain.tokens:,} "
+                     "domain tokens")  # fmt: skip
+            parts.append(data.Documents.from_arrays(replay))  # general text: loss on every token
+        stream = data.PackedRows(parts, cfg.data.seq_len, cfg.seed)
+        if cfg.data.format != "text":
             self.log(f"{cfg.data.format}: {stream.loss_share():.1%} of the training tokens carry loss (responses"
                      + (" and prompts)" if cfg.data.train_on_prompt else " only)"))  # fmt: skip
         needed = cfg.train.batch_size * self.accelerator.num_processes
@@ -460,6 +470,10 @@ class Trainer:
                 "test": find_leaks(self.train_docs, data.load_split(self.config.data, "test")),
             },  # fmt: skip
         }
+        if data.streaming.active(self.config.data):  # the training side is a sample: say of how many
+            documents = data.streaming.train_stats(self.config.data)["train"]["documents"]
+            for leak in diagnostics["leakage"].values():
+                leak["sampled_from"] = documents
         diagnostics["underfitting"] = underfitting(read_metrics(self.run_dir), self.config.eval)
         out["diagnostics"] = diagnostics
         return out

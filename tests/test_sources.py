@@ -94,8 +94,8 @@ def test_tokenisation_cache_is_keyed_by_documents_and_tokenizer(tmp_path, monkey
 
     monkeypatch.setenv("PEFTKIT_CACHE", str(tmp_path))
     calls = []
-    real = data.tokenize
-    monkeypatch.setattr(data, "tokenize", lambda tok, docs: calls.append(len(docs)) or real(tok, docs))
+    real = data.formats.tokenize
+    monkeypatch.setattr(data.formats, "tokenize", lambda tok, docs: calls.append(len(docs)) or real(tok, docs))
     rng = random.Random(0)
     docs = [make_doc(rng) for _ in range(1200)]
     tokenizer = build_tokenizer()

@@ -42,7 +42,7 @@ def evaluate_run(run_dir: Path) -> dict:
     sets = test_sets(config, tokenizer)
     model = model.to(accelerator.device)
     report = compare_base_and_tuned(model, sets, config.eval.batch_size, accelerator)
-    train = data.plain_texts(tokenizer, data.load_split(config.data, "train")[:512], config.data)
+    train = data.plain_texts(tokenizer, data.first_train_documents(config.data, 512), config.data)
     prefix = domain_prompt(tokenizer, train, config.eval.prompt_tokens)
     if prefix is not None:
         report["base_prompted"] = prompted_baseline(model, sets["domain"], prefix, config.eval.batch_size, accelerator)
@@ -235,6 +235,8 @@ def _overfitting_signals(diagnostics: dict, reasons: list[str]) -> bool:
             trusted = trusted and not serious
             reasons.append(f"leakage: {leak['exact']} exact and {leak['near']} near duplicates of {split} documents "
                            f"({leak['share']:.1%}) are in the training data"
+                           + (f" (a sample of {leak['train_docs']:,} of its {leak['sampled_from']:,} documents)"
+                              if leak.get("sampled_from") else "")
                            + ("; held-out scores are optimistic: deduplicate the corpus" if serious else ""))  # fmt: skip
     return trusted
 
