@@ -80,6 +80,22 @@ def test_two_processes_equal_one_process_with_accumulation(dist_config, one_proc
     assert report["processes"] == 2 and report["global_batch_rows"] == 4
 
 
+def test_two_processes_on_a_streamed_corpus_equal_one_process_loading_it_whole(
+    dist_config, one_process, tmp_path, monkeypatch
+):
+    """The main process builds the streamed token files while the other waits; both then read disjoint
+    rows of the same memory-mapped corpus, which are the rows loaded whole (no duplicates here)."""
+    _, one_state = one_process
+    monkeypatch.setenv("PEFTKIT_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "streamed"
+    launch(["--multi_gpu", "--num_processes", "2"], dist_config, out,
+           ["--data.streaming=on", f"--output_dir={out / 'run'}"])  # fmt: skip
+    both = ranks(out)
+    assert [r["world"] for r in both] == [2, 2], "accelerate did not form a 2-process group"
+    assert_close(both[0]["state"], one_state)
+    assert len(list((tmp_path / "cache" / "stream").glob("*/tokens-*/meta.json"))) == 1
+
+
 def test_checkpoint_from_two_processes_resumes_on_one(dist_config, one_process, tmp_path):
     _, one_state = one_process
     out = tmp_path / "two_then_one"

@@ -182,3 +182,25 @@ def test_preview_of_a_streamed_corpus_counts_from_the_index(tiny_config, tmp_pat
     for split in ("train", "validation", "test"):
         assert counts["on"][split]["documents"] == counts["off"][split]["documents"]
         assert counts["on"][split]["tokens"] == pytest.approx(counts["off"][split]["tokens"], rel=0.05)
+
+
+def test_bench_data_quick_compares_both_ways_on_the_same_rows(tiny_model_dir, tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from tests.conftest import write_jsonl
+
+    rng = random.Random(0)
+    docs = write_jsonl(tmp_path / "docs.jsonl", [make_doc(rng) for _ in range(120)])
+    script = Path(__file__).resolve().parents[1] / "scripts" / "bench_data"
+    result = subprocess.run(
+        [sys.executable, str(script), "--quick", "--sizes", "1", "--model", str(tiny_model_dir), "--docs", str(docs)],
+        capture_output=True, text=True, env={**os.environ, "PEFTKIT_QUIET": "1"}, cwd=tmp_path, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    [run] = report["runs"]
+    assert run["on"]["tokens"] == run["off"]["tokens"] > 100_000  # the script also checks the rows agree
+    assert run["on"]["peak_rss_mb"] > 0 and run["off"]["prepare_s"] > 0

@@ -29,6 +29,7 @@ import json
 import os
 import random
 import shutil
+from array import array
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -99,7 +100,7 @@ def train_documents(config: DataConfig, tokenizer, log=lambda _: None) -> Docume
         log(f"data.source: tokenising {int(flags.sum()):,} streamed training documents into {folder}")
         with _building(folder) as tmp, open(tmp / "ids.bin", "wb") as ids_file, \
                 open(tmp / "mask.bin", "wb") as mask_file:  # fmt: skip
-            lengths, loss = [], []
+            lengths, loss = array("q"), array("q")  # 8 bytes per document
 
             def flush(chunk: list[str]) -> None:
                 pairs = encode(tokenizer, chunk, config)
@@ -120,7 +121,7 @@ def train_documents(config: DataConfig, tokenizer, log=lambda _: None) -> Docume
                         chunk = []
                 if chunk:
                     flush(chunk)
-            np.savez(tmp / "docs.npz", lengths=np.asarray(lengths, np.int64), loss=np.asarray(loss, np.int64))
+            np.savez(tmp / "docs.npz", lengths=np.frombuffer(lengths, np.int64), loss=np.frombuffer(loss, np.int64))
             (tmp / "meta.json").write_text(json.dumps({"documents": len(lengths), "tokens": int(sum(lengths))}))
     else:
         log(f"data.source: streamed training tokens from the cache ({folder})")
