@@ -204,3 +204,18 @@ def test_bench_data_quick_compares_both_ways_on_the_same_rows(tiny_model_dir, tm
     [run] = report["runs"]
     assert run["on"]["tokens"] == run["off"]["tokens"] > 100_000  # the script also checks the rows agree
     assert run["on"]["peak_rss_mb"] > 0 and run["off"]["prepare_s"] > 0
+
+
+def test_a_source_that_changes_between_the_passes_is_an_error_not_misaligned_rows():
+    flags = np.array([True, False, True])
+    assert list(streaming._flagged(iter(["a", "b", "c"]), flags, "x.jsonl")) == ["a", "c"]
+    for docs in (["a", "b"], ["a", "b", "c", "d"]):
+        with pytest.raises(PeftkitError, match="x.jsonl changed while it was read"):
+            list(streaming._flagged(iter(docs), flags, "x.jsonl"))
+
+
+def test_a_csv_column_that_looks_numeric_at_first_is_still_read_as_text(tmp_path):
+    path = tmp_path / "notes.csv"
+    path.write_text("id,text\n" + "".join(f"{i},{i}\n" for i in range(200_000)) + "5,a note about aspirin\n")
+    docs = list(data.iter_documents(path, DataConfig()))  # read a block at a time
+    assert len(docs) == 200_001 and docs[0] == "0" and docs[-1] == "a note about aspirin"

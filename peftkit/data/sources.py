@@ -134,8 +134,10 @@ def _table_batches(path: Path) -> Iterator:
     try:
         if path.suffix == ".parquet":
             yield from pyarrow.parquet.ParquetFile(path).iter_batches(batch_size=TABLE_BATCH)
-        else:
-            yield from pyarrow.csv.open_csv(path)
+        else:  # every column as text: a streamed CSV infers types from its first block only
+            names = pyarrow.csv.open_csv(path).schema.names
+            strings = pyarrow.csv.ConvertOptions(column_types=dict.fromkeys(names, pyarrow.string()))
+            yield from pyarrow.csv.open_csv(path, convert_options=strings)
     except Exception as err:  # pyarrow raises several types for unreadable files
         raise PeftkitError(f"{path}: cannot read as {path.suffix[1:]} ({str(err).splitlines()[0]})") from None
 

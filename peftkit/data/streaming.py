@@ -112,9 +112,8 @@ def train_documents(config: DataConfig, tokenizer, log=lambda _: None) -> Docume
 
             chunk = []
             with bar(total=int(flags.sum()), desc="tokenize", unit="doc", leave=False) as progress:
-                for doc, keep in zip(docs, flags, strict=True):
-                    if keep:
-                        chunk.append(doc)
+                for doc in _flagged(docs, flags, config.source):
+                    chunk.append(doc)
                     if len(chunk) == ENCODE_CHUNK:
                         flush(chunk)
                         progress.update(len(chunk))
@@ -201,6 +200,18 @@ def _build_index(config: DataConfig, path: Path, folder: Path, log) -> None:
         (tmp / "meta.json").write_text(json.dumps({**counts, "dropped_exact": dropped}))
     log(f"data.source: {counts['train']['documents']:,} training, {counts['validation']['documents']:,} validation "
         f"and {counts['test']['documents']:,} test documents; {dropped:,} exact duplicates dropped")  # fmt: skip
+
+
+def _flagged(docs: Iterator[str], flags: np.ndarray, source: str) -> Iterator[str]:
+    """The documents whose flag is set; the source must still hold as many documents as when indexed."""
+    count = 0
+    for count, doc in enumerate(docs, 1):
+        if count > len(flags):
+            break
+        if flags[count - 1]:
+            yield doc
+    if count != len(flags):
+        raise PeftkitError(f"data.source: {source} changed while it was read; run again to index it anew")
 
 
 def _reservoir(sample: list, item: tuple, rng: random.Random) -> None:
