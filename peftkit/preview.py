@@ -36,9 +36,9 @@ def preview(config: Config, timed_steps: int = 2, log=print) -> dict:
             splits[split] = _count(tokenizer, docs, config.seed, config.data, stats[split])
     else:
         train_docs = data.load_split(config.data, "train", log=log)
-        if config.data.max_train_docs:
-            order = torch.randperm(len(train_docs), generator=torch.Generator().manual_seed(config.seed))
-            train_docs = [train_docs[i] for i in order[: config.data.max_train_docs]]
+        kept = data.kept_by_max_train_docs(len(train_docs), config.data, config.seed)
+        if kept is not None:
+            train_docs = [train_docs[i] for i in kept]
         train_docs = data.augment_documents(train_docs, config.data, config.seed)
         splits["train"] = _count(tokenizer, train_docs, config.seed, config.data)
         for split in ("validation", "test"):

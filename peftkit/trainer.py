@@ -275,14 +275,14 @@ class Trainer:
                 domain = data.streaming.train_documents(cfg.data, self.tokenizer, self.log)
             # the leakage check, memorisation and the prompted baseline look at a sample of the corpus
             self.train_docs = data.streaming.train_sample(cfg.data)
-            if cfg.data.max_train_docs:
-                order = torch.randperm(len(domain), generator=torch.Generator().manual_seed(cfg.seed))
-                domain = domain.select(order[: cfg.data.max_train_docs].numpy())
+            kept = data.kept_by_max_train_docs(len(domain), cfg.data, cfg.seed)
+            if kept is not None:
+                domain = domain.select(kept)
         else:
             docs = data.load_split(cfg.data, "train", log=self.log)
-            if cfg.data.max_train_docs:
-                order = torch.randperm(len(docs), generator=torch.Generator().manual_seed(cfg.seed))
-                docs = [docs[i] for i in order[: cfg.data.max_train_docs]]
+            kept = data.kept_by_max_train_docs(len(docs), cfg.data, cfg.seed)
+            if kept is not None:
+                docs = [docs[i] for i in kept]
             self.train_docs = docs  # the corpus as given: the leakage check looks at these
             augmented, labels = data.augment_documents(docs, cfg.data, cfg.seed), None
             if cfg.data.format == "text":

@@ -219,3 +219,21 @@ def test_a_csv_column_that_looks_numeric_at_first_is_still_read_as_text(tmp_path
     path.write_text("id,text\n" + "".join(f"{i},{i}\n" for i in range(200_000)) + "5,a note about aspirin\n")
     docs = list(data.iter_documents(path, DataConfig()))  # read a block at a time
     assert len(docs) == 200_001 and docs[0] == "0" and docs[-1] == "a note about aspirin"
+
+
+def test_the_trainer_reads_the_same_rows_streamed_or_whole_with_max_train_docs_and_replay(tiny_config, tmp_path):
+    from peftkit import Trainer, models
+
+    path = write(tmp_path, corpus(500), "jsonl")
+    streams = {}
+    for mode in ("off", "on"):
+        config = dataclasses.replace(tiny_config, output_dir=str(tmp_path / mode), data=dataclasses.replace(
+            tiny_config.data, source=str(path), streaming=mode, dedup="exact", max_train_docs=150, replay=0.25))  # fmt: skip
+        trainer = Trainer(config, log=lambda _: None)
+        trainer.accelerator = models.make_accelerator("no")
+        trainer.tokenizer = models.load_tokenizer(config.model)
+        streams[mode], _ = trainer._prepare_data()
+    whole, streamed = streams["off"], streams["on"]
+    assert len(streamed.parts[0]) == 150 and streamed.tokens == whole.tokens
+    for part in ("ids", "labels", "positions"):
+        assert np.array_equal(streamed.rows(0, 40, part), whole.rows(0, 40, part))

@@ -53,6 +53,14 @@ def first_train_documents(config: DataConfig, n: int, log=lambda _: None) -> lis
     return load_split(config, "train", log)[:n]
 
 
+def kept_by_max_train_docs(count: int, config: DataConfig, seed: int) -> np.ndarray | None:
+    """Indexes of the training documents that data.max_train_docs keeps (a seeded choice, nested as
+    the number grows), or None when it keeps all."""
+    if not config.max_train_docs:
+        return None
+    return torch.randperm(count, generator=torch.Generator().manual_seed(seed))[: config.max_train_docs].numpy()
+
+
 def fold_of(text: str, folds: int) -> int:
     return int.from_bytes(hashlib.sha256(("fold:" + text).encode("utf-8")).digest()[:8], "big") % folds
 
