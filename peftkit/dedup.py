@@ -10,11 +10,19 @@ from __future__ import annotations
 
 import hashlib
 import re
+import zlib
 from collections import Counter, defaultdict
+
+import numpy as np
 
 SHINGLE = 5
 NEAR_DUPLICATE_JACCARD = 0.8
 COMMON_SHINGLE = 64  # a shingle indexed for this many documents is boilerplate: stop indexing it
+# MinHash LSH for corpora too large for the inverted index: 14 bands of 8 hashes make a pair at Jaccard
+# 0.8 a candidate with probability 1 - (1 - 0.8**8)**14 = 0.92 (0.85: 0.988, 0.9: 0.9998)
+BANDS, ROWS = 14, 8
+_PRIME = 4294967311  # the first prime above 2**32: above every crc32 shingle hash
+_A, _B = (np.random.default_rng(0).integers(low, 2**31, BANDS * ROWS, dtype=np.uint64) for low in (1, 0))
 _WORD = re.compile(r"\w+")
 
 
@@ -100,3 +108,64 @@ def unique(texts: list[str], near: bool = True, threshold: float = NEAR_DUPLICAT
         prints.add(printed)
         keep.append(i)
     return keep, dropped
+
+
+def minhash(text: str) -> np.ndarray:
+    """The MinHash signature (BANDS * ROWS uint32) of the text's word 5-gram shingles, hashed with crc32
+    so that it is the same in every process (Python's str hash is salted per process)."""
+    words = _WORD.findall(text.lower())
+    grams = {" ".join(words[i : i + SHINGLE]) for i in range(max(len(words) - SHINGLE + 1, 1))} if words else ()
+    x = np.fromiter((zlib.crc32(g.encode()) for g in grams), dtype=np.uint64, count=len(grams))
+    if not len(x):
+        return np.full(BANDS * ROWS, 2**32 - 1, dtype=np.uint32)
+    return ((_A[:, None] * x[None, :] + _B[:, None]) % _PRIME).min(axis=1).astype(np.uint32)  # < 2**63: no overflow
+
+
+def lsh_duplicates(signatures: np.ndarray, alive: np.ndarray, threshold: float = NEAR_DUPLICATE_JACCARD,
+                   neighbours: int = 8) -> np.ndarray:  # fmt: skip
+    """Which documents are near duplicates of an earlier kept one, keeping the first of each group like
+    `unique`, from their MinHash signatures (N x BANDS*ROWS, may be memory-mapped); `alive` marks the
+    documents still in play. Memory: ~60 bytes per document for the band being read, plus 8 bytes per
+    distinct near-duplicate pair found.
+
+    Documents sharing a band's 8 hashes are candidates (each paired with the first `neighbours` and
+    the `neighbours` just before it among those sharing the band), and a candidate pair is a near
+    duplicate when the share of equal hashes, an estimate of the Jaccard similarity, reaches
+    `threshold`.
+    """
+    index, found = np.flatnonzero(alive), []
+    for band in range(BANDS):
+        rows = np.asarray(signatures[index, band * ROWS : (band + 1) * ROWS], dtype=np.uint64)
+        key = rows[:, 0]
+        for column in range(1, ROWS):  # FNV-style mixing of the band's hashes into one 64-bit key (wraps)
+            key = (key * np.uint64(0x100000001B3)) ^ rows[:, column]
+        order = np.argsort(key, kind="stable")  # stable: within a key, documents stay in corpus order
+        key, members = key[order], index[order]
+        position = np.arange(len(key))
+        first = np.maximum.accumulate(np.where(np.r_[True, key[1:] != key[:-1]], position, 0))  # of the key's run
+        for d in range(neighbours):
+            # each document meets the first documents of its run (the earliest, most likely kept: a
+            # long run of copies all meet the original) and the ones just before it
+            for earlier in (first + d, position - d - 1):
+                valid = (earlier >= first) & (earlier < position)
+                found.append(_similar(signatures, members[earlier[valid]], members[valid], threshold))
+        found = [np.unique(np.concatenate(found))]  # a pair found in several bands is kept once
+    dropped = np.zeros(len(alive), dtype=bool)
+    pairs = found[0] if found else np.zeros(0, dtype=np.int64)
+    earlier, later = pairs >> 32, pairs & 0xFFFFFFFF
+    order = np.lexsort((earlier, later))  # by the later document
+    for i, j in zip(earlier[order].tolist(), later[order].tolist(), strict=True):
+        if not dropped[i]:  # final by now: every pair ending at i came before
+            dropped[j] = True
+    return dropped
+
+
+def _similar(signatures: np.ndarray, earlier: np.ndarray, later: np.ndarray, threshold: float) -> np.ndarray:
+    """The pairs (as earlier << 32 | later) whose share of equal MinHash values reaches `threshold`,
+    compared a block at a time so that memory stays small however many candidates there are."""
+    out = []
+    for start in range(0, len(later), 1 << 16):
+        e, j = earlier[start : start + (1 << 16)], later[start : start + (1 << 16)]
+        agree = (np.asarray(signatures[e]) == np.asarray(signatures[j])).mean(axis=1) >= threshold
+        out.append((e[agree].astype(np.int64) << 32) | j[agree].astype(np.int64))
+    return np.concatenate(out) if out else np.zeros(0, dtype=np.int64)

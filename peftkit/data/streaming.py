@@ -1,25 +1,26 @@
 """Corpora larger than memory: read one document at a time, split and deduplicated on the fly,
 tokenised into memory-mapped files, and cut into training rows on demand.
 
-A streamed source goes through two passes, each cached, and is never held whole:
+A streamed source is never held whole. It is read in passes, one document at a time:
 
-1. the index (no tokenizer needed): each document's split by content hash, exact duplicates dropped
-   (the first of each kept: a set of 8-byte fingerprints, ~70 bytes per document), the first
-   HELD_OUT_DOCS documents of validation and test kept as text for evaluation, and a seeded uniform
-   sample of TRAIN_SAMPLE training documents for the leakage check, memorisation and the domain
-   prompt;
+1. the index (no tokenizer needed), two passes: the first finds duplicates, keeping the first of
+   each group -- exact ones with a set of 8-byte fingerprints (~70 bytes per document), near ones
+   (data.dedup=near) with MinHash LSH over signatures written to disk (448 bytes per document,
+   deleted after) instead of the in-memory inverted index of every shingle; the second gives each
+   kept document its split by content hash, keeps the first HELD_OUT_DOCS documents of validation
+   and test as text for evaluation, and a seeded uniform sample of TRAIN_SAMPLE training documents
+   for the leakage check, memorisation and the domain prompt;
 2. the tokens: the training documents encoded ENCODE_CHUNK at a time and appended to flat files
    (4 bytes per token, one more for the loss mask of instruction and chat data), memory-mapped for
    training.
 
-Both live under $PEFTKIT_CACHE/stream/, keyed by the source files' content and the data settings
-(and for the tokens, the tokenizer), and are built in a temporary folder renamed into place: an
-interrupted run leaves nothing half-written.
+Both are cached under $PEFTKIT_CACHE/stream/, keyed by the source files' content and the data
+settings (and for the tokens, the tokenizer), and are built in a temporary folder renamed into
+place: an interrupted run leaves nothing half-written.
 
-Near-duplicate search keeps every kept document's shingles in memory, so a streamed corpus is
-deduplicated exactly only (the log says so when data.dedup=near). Everything else -- splits,
-formats, packing, replay -- is as in memory: with data.dedup=exact a corpus trains on the same rows
-streamed or not.
+Everything else -- splits, formats, packing, replay -- is as in memory: with data.dedup=exact or
+none a corpus trains on the same rows streamed or not; with near, MinHash estimates the Jaccard
+similarity that the in-memory search computes, so a pair near the threshold can go either way.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ from peftkit.corpora import split_of
 from peftkit.data.formats import encode, encoding_key
 from peftkit.data.packing import IGNORE_INDEX, Documents
 from peftkit.data.sources import source_documents, source_files
-from peftkit.dedup import fingerprint
+from peftkit.dedup import BANDS, ROWS, fingerprint, lsh_duplicates, minhash
 from peftkit.errors import PeftkitError
 from peftkit.hashing import sha256_file
 from peftkit.progress import bar
@@ -112,7 +113,7 @@ def train_documents(config: DataConfig, tokenizer, log=lambda _: None) -> Docume
 
             chunk = []
             with bar(total=int(flags.sum()), desc="tokenize", unit="doc", leave=False) as progress:
-                for doc in _flagged(docs, flags, config.source):
+                for doc in (doc for doc, keep in _aligned(docs, flags, config.source) if keep):
                     chunk.append(doc)
                     if len(chunk) == ENCODE_CHUNK:
                         flush(chunk)
@@ -141,7 +142,7 @@ def _index(config: DataConfig, log) -> Path:
     files = source_files(path)
     settings = (config.format, config.text_field, config.template, config.prompt_field, config.prompt_template,
                 config.response_field, config.messages_field, config.validation_share, config.test_share,
-                config.dedup != "none", HELD_OUT_DOCS, TRAIN_SAMPLE)  # fmt: skip
+                config.dedup, HELD_OUT_DOCS, TRAIN_SAMPLE)  # fmt: skip
     memo = (str(path), settings, tuple((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files))
     if memo not in _INDEXES:
         digest = hashlib.sha256(json.dumps(settings).encode())
@@ -155,33 +156,26 @@ def _index(config: DataConfig, log) -> Path:
 
 
 def _build_index(config: DataConfig, path: Path, folder: Path, log) -> None:
-    if config.dedup == "near":
-        log("data.dedup=near: a streamed corpus is deduplicated exactly only (near-duplicate search keeps "
-            "every document's shingles in memory)")  # fmt: skip
-    docs, where, presplit = source_documents(path, "train", config)
-    parts = [("train", docs)]
-    if presplit:
-        parts += [(split, source_documents(path, split, config)[0]) for split in HELD_OUT]
+    where, presplit = source_documents(path, "train", config)[1:]
+    names = ("train", *HELD_OUT) if presplit else ("train",)  # sources with their own splits: dedup per split
+
+    def documents(name: str) -> Iterator[str]:  # a fresh pass over one part of the source
+        return source_documents(path, name, config)[0]
+
+    log(f"data.source: streaming {where}: deduplicating (data.dedup={config.dedup}) and splitting")
     counts = {split: {"documents": 0, "characters": 0} for split in ("train", *HELD_OUT)}
-    dropped, rng, sample, flags = 0, random.Random(0), [], bytearray()
-    log(f"data.source: streaming {where}: splitting and deduplicating")
+    dropped, rng, sample = {"exact": 0, "near": 0}, random.Random(0), []
     with _building(folder) as tmp:
+        keep = {name: _kept(documents(name), config, tmp / "minhash.u32", dropped) for name in names}
         held = {split: open(tmp / f"{split}.jsonl", "w", encoding="utf-8") for split in HELD_OUT}
         try:
-            for name, stream in parts:
-                seen: set[int] = set()  # sources with their own splits are deduplicated per split
-                for doc in bar(stream, desc="index", unit="doc", leave=False):
-                    if config.dedup != "none":
-                        printed = int(fingerprint(doc)[:16], 16)
-                        if printed in seen:
-                            dropped += 1
-                            if name == "train":
-                                flags.append(False)
-                            continue
-                        seen.add(printed)
+            for name in names:
+                flags = bytearray()
+                for doc, kept in _aligned(documents(name), keep[name], where):
                     split = name if presplit else split_of("text:" + doc, config.validation_share, config.test_share)
-                    if name == "train":
-                        flags.append(split == "train")
+                    flags.append(kept and split == "train")
+                    if not kept:
+                        continue
                     count = counts[split]
                     if split == "train":
                         _reservoir(sample, (count["documents"], doc), rng)
@@ -189,6 +183,8 @@ def _build_index(config: DataConfig, path: Path, folder: Path, log) -> None:
                         held[split].write(json.dumps(doc, ensure_ascii=False) + "\n")
                     count["documents"] += 1
                     count["characters"] += len(doc)
+                if name == "train":
+                    np.save(tmp / "train.npy", np.frombuffer(bytes(flags), dtype=np.bool_))
         finally:
             for f in held.values():
                 f.close()
@@ -196,20 +192,45 @@ def _build_index(config: DataConfig, path: Path, folder: Path, log) -> None:
             raise PeftkitError(f"data.source: {where} gives an empty train split; add documents")
         with open(tmp / "sample.jsonl", "w", encoding="utf-8") as f:
             f.writelines(json.dumps(doc, ensure_ascii=False) + "\n" for _, doc in sorted(sample))
-        np.save(tmp / "train.npy", np.frombuffer(bytes(flags), dtype=np.bool_))
-        (tmp / "meta.json").write_text(json.dumps({**counts, "dropped_exact": dropped}))
+        (tmp / "meta.json").write_text(json.dumps({**counts, "dropped": dropped}))
     log(f"data.source: {counts['train']['documents']:,} training, {counts['validation']['documents']:,} validation "
-        f"and {counts['test']['documents']:,} test documents; {dropped:,} exact duplicates dropped")  # fmt: skip
+        f"and {counts['test']['documents']:,} test documents; dropped {dropped['exact']:,} exact and "
+        f"{dropped['near']:,} near duplicates")  # fmt: skip
 
 
-def _flagged(docs: Iterator[str], flags: np.ndarray, source: str) -> Iterator[str]:
-    """The documents whose flag is set; the source must still hold as many documents as when indexed."""
+def _kept(docs: Iterator[str], config: DataConfig, scratch: Path, dropped: dict) -> np.ndarray:
+    """Which documents survive data.dedup, the first of each group kept: exact duplicates by a set of
+    8-byte fingerprints, near duplicates by MinHash LSH over signatures kept in `scratch` on disk."""
+    seen: set[int] = set()
+    near = config.dedup == "near"
+    alive = bytearray()
+    with open(scratch, "wb") as signatures:
+        for doc in bar(docs, desc="dedup", unit="doc", leave=False):
+            fresh = True
+            if config.dedup != "none":
+                printed = int(fingerprint(doc)[:16], 16)
+                fresh = printed not in seen
+                seen.add(printed)
+            alive.append(fresh)
+            if near:
+                signatures.write(minhash(doc).tobytes() if fresh else bytes(4 * BANDS * ROWS))
+    keep = np.frombuffer(bytes(alive), dtype=np.bool_).copy()
+    dropped["exact"] += int((~keep).sum())
+    if near and keep.any():
+        duplicates = lsh_duplicates(np.memmap(scratch, dtype=np.uint32, mode="r").reshape(len(keep), -1), keep)
+        dropped["near"] += int(duplicates.sum())
+        keep &= ~duplicates
+    scratch.unlink()
+    return keep
+
+
+def _aligned(docs: Iterator[str], flags: np.ndarray, source: str) -> Iterator[tuple[str, bool]]:
+    """(document, its flag); the source must still hold as many documents as when its flags were made."""
     count = 0
     for count, doc in enumerate(docs, 1):
         if count > len(flags):
             break
-        if flags[count - 1]:
-            yield doc
+        yield doc, bool(flags[count - 1])
     if count != len(flags):
         raise PeftkitError(f"data.source: {source} changed while it was read; run again to index it anew")
 
