@@ -103,7 +103,8 @@ class DataConfig:
     streaming: str = _f(
         "auto",
         "read the corpus one document at a time into memory-mapped token files (cached) instead of loading it "
-        "whole: exact dedup only, held-out splits keep their first 10,000 documents; 'auto' = for sources of 1 GiB+",
+        "whole: near duplicates by MinHash LSH, held-out splits keep their first 10,000 documents; 'auto' = for "
+        "sources of 1 GiB+",
         ("auto", "on", "off"),
     )
     separate_documents: bool = _f(

@@ -26,11 +26,14 @@ _A, _B = (np.random.default_rng(0).integers(low, 2**31, BANDS * ROWS, dtype=np.u
 _WORD = re.compile(r"\w+")
 
 
-def shingles(text: str, n: int = SHINGLE) -> set[int]:
+def _grams(text: str, n: int = SHINGLE) -> set[str]:
+    """The text's word n-grams, lower-cased (all its words when it has fewer than n)."""
     words = _WORD.findall(text.lower())
-    if len(words) < n:
-        return {hash(" ".join(words))} if words else set()
-    return {hash(" ".join(words[i : i + n])) for i in range(len(words) - n + 1)}
+    return {" ".join(words[i : i + n]) for i in range(max(len(words) - n + 1, 1))} if words else set()
+
+
+def shingles(text: str, n: int = SHINGLE) -> set[int]:
+    return {hash(gram) for gram in _grams(text, n)}
 
 
 def fingerprint(text: str) -> str:
@@ -113,8 +116,7 @@ def unique(texts: list[str], near: bool = True, threshold: float = NEAR_DUPLICAT
 def minhash(text: str) -> np.ndarray:
     """The MinHash signature (BANDS * ROWS uint32) of the text's word 5-gram shingles, hashed with crc32
     so that it is the same in every process (Python's str hash is salted per process)."""
-    words = _WORD.findall(text.lower())
-    grams = {" ".join(words[i : i + SHINGLE]) for i in range(max(len(words) - SHINGLE + 1, 1))} if words else ()
+    grams = _grams(text)
     x = np.fromiter((zlib.crc32(g.encode()) for g in grams), dtype=np.uint64, count=len(grams))
     if not len(x):
         return np.full(BANDS * ROWS, 2**32 - 1, dtype=np.uint32)
