@@ -4,11 +4,21 @@ from peftkit import Config, Trainer
 report = Trainer(Config(output_dir="runs/x")).fit()
 """
 
+from peftkit.callbacks import Callback
 from peftkit.config import Config, DataConfig, EvalConfig, MethodConfig, ModelConfig, TrainConfig
 from peftkit.errors import PeftkitError
 
-__all__ = ["Config", "DataConfig", "EvalConfig", "MethodConfig", "ModelConfig", "PeftkitError", "Trainer",
-           "TrainConfig"]  # fmt: skip
+__all__ = [
+    "Callback",
+    "Config",
+    "DataConfig",
+    "EvalConfig",
+    "MethodConfig",
+    "ModelConfig",
+    "PeftkitError",
+    "TrainConfig",
+    "Trainer",
+]
 
 
 def __getattr__(name):

@@ -14,8 +14,9 @@ from contextlib import nullcontext
 import numpy as np
 import torch
 
-from peftkit import data, methods, models, speed
+from peftkit import data, methods, models
 from peftkit.config import Config
+from peftkit.loss import CHUNK_TOKENS, training_forward
 
 SAMPLE_DOCS = 2000  # larger training splits are counted on a seeded sample and extrapolated
 
@@ -116,11 +117,11 @@ def _cost(config: Config, tokenizer, timed_steps: int, log) -> dict:
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     batch, seq_len = config.train.batch_size, config.data.seq_len
     # the logits of one loss chunk (or of the whole batch without chunking), fp32, and their gradient
-    logit_rows = min(speed.CHUNK_TOKENS, batch * seq_len) if config.train.chunked_loss else batch * seq_len
+    logit_rows = min(CHUNK_TOKENS, batch * seq_len) if config.train.chunked_loss else batch * seq_len
     logits = 2 * logit_rows * model.config.vocab_size * 4
     optimizer = trainable * 4 * 3  # fp32 gradient and two Adam moments
     optim = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-9)
-    forward = acc.prepare(speed.training_forward(model, config.train, acc.mixed_precision))
+    forward = acc.prepare(training_forward(model, config.train, acc.mixed_precision))
     timed_batch = min(batch, 2)  # tokens/s barely depends on the batch here; keep the preview quick
     rows = torch.randint(0, len(tokenizer), (timed_batch, seq_len), device=acc.device)
     forward.train()

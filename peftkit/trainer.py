@@ -1,12 +1,16 @@
 """Trainer: one explicit training loop on `accelerate.Accelerator`.
 
-    from peftkit import progress, Config, Trainer
+    from peftkit import Config, Trainer
     report = Trainer(Config(output_dir="runs/x")).fit()
 
-The loop: micro-batches of packed rows -> loss scaled for accumulation -> backward -> clip ->
-AdamW step -> LR schedule; every `eval.every_steps` a held-out evaluation, a checkpoint and the
-early-stopping decision. At the end the best checkpoint's adapter is saved to RUN_DIR/adapter and
-the base and tuned models are compared on the held-out domain and general text.
+`fit()` is three phases. `setup()` builds the accelerator, the model with its adapter, the training
+data (`data.build_training_data`), the training forward and optimizer, and the run folder (or restores
+a checkpoint), then evaluates step 0, the base model. `train()` is the loop: micro-batches of packed
+rows -> loss scaled for accumulation -> backward -> clip -> AdamW step -> LR schedule, with the
+callbacks after every step. `finish()` saves the kept adapter to RUN_DIR/adapter, runs the final
+evaluation (the same function as `peftkit eval`) and writes the report. When to evaluate, which step
+to keep and when to stop early is decided by the guard, the first callback
+(`peftkit.evaluation.guard.OverfittingGuard`); the run's state is a `TrainState`.
 """
 
 from __future__ import annotations
@@ -21,18 +25,30 @@ from pathlib import Path
 
 import torch
 
-from peftkit import assets, checkpoint, data, methods, models, progress, speed
+from peftkit import checkpoint, methods, models, progress, runtime
+from peftkit.callbacks import CallbackList, Control
 from peftkit.config import Config
-from peftkit.dedup import find_leaks
+from peftkit.data.training import TrainingData, build_training_data
 from peftkit.errors import PeftkitError
-from peftkit.evaluation import compare_base_and_tuned, forgetting, format_report, nll, qa, test_sets, verdict
-from peftkit.evaluation.memorization import memorization
-from peftkit.evaluation.render import read_metrics, write_report_files
-from peftkit.evaluation.report import domain_prompt, prompted_baseline, underfitting
+from peftkit.evaluation import forgetting, format_report, nll, verdict
+from peftkit.evaluation.final import final_evaluation, held_out_comparison
+from peftkit.evaluation.guard import OverfittingGuard
+from peftkit.evaluation.render import write_report_files
+from peftkit.loss import setup_training_forward
 from peftkit.manifest import write_manifest
+from peftkit.state import StepRecord, TrainState
 
-RUN_FILES = ("config.yaml", "metrics.jsonl", "report.json", "report.md", "report.html", "loss_curves.png",
-             "manifest.json", "adapter", "checkpoints")  # fmt: skip
+RUN_FILES = (
+    "config.yaml",
+    "metrics.jsonl",
+    "report.json",
+    "report.md",
+    "report.html",
+    "loss_curves.png",
+    "manifest.json",
+    "adapter",
+    "checkpoints",
+)
 
 
 class Trainer:
@@ -40,35 +56,74 @@ class Trainer:
 
     Args:
         config: the run's configuration.
-        callbacks: objects with optional `on_step(trainer, record)` and `on_eval(trainer, record)`
-            methods, called on the main process with each metrics record.
+        callbacks: `peftkit.callbacks.Callback` objects (or any objects with some of its hooks), called
+            after the guard on every process.
         log: where progress messages go (main process only).
     """
 
     def __init__(self, config: Config, callbacks=(), log=print):
         self.config = config
-        self.callbacks = list(callbacks)
-        self._log = log
         self.run_dir = Path(config.output_dir)
-        self._initial_adapter = self.run_dir / "initial_adapter"
+        self.guard = OverfittingGuard(config.eval, config.train.max_steps, config.train.keep_checkpoints)
+        self.callbacks = CallbackList([self.guard, *callbacks])
+        self.state = TrainState()
+        self.control = Control()
+        self.timer = StepTimer()
+        self._log = log
+        # Built by setup(): None until then.
+        self.accelerator = None
+        self.tokenizer = None
+        self.model = None  # the peft model, unwrapped
+        self.answers = None  # the base model's answers to general prompts: the reference for KL
+        self.data: TrainingData | None = None
+        self.forward = None  # the training forward (loss included) as Accelerate prepared it
+        self.optimizer = self.scheduler = None
+        self.params: list[torch.nn.Parameter] = []  # the trainable parameters (clipped together)
+        self.param_counts = {"trainable_params": 0, "total_params": 0}
+        self.compiled = False  # decoder layers compiled (regional torch.compile)
+        self.global_batch = 0  # rows per optimizer step, all processes and micro-batches together
+        self.initial_adapter = self.run_dir / "initial_adapter"  # PiSSA/OLoRA's start, for their conversion
+        self.in_update = False  # inside an optimizer update: an interrupt there is not checkpointed
+        self.report: dict | None = None
 
     def log(self, message: str) -> None:
-        if self.accelerator.is_main_process:
+        main = self.accelerator.is_main_process if self.accelerator else os.environ.get("RANK", "0") == "0"
+        if main:
             self._log(message)
 
     def fit(self, resume: bool | None = None) -> dict:
         """Train, evaluate against the base model, and return the report (also in RUN_DIR/report.json)."""
+        self.setup(self.config.train.resume if resume is None else resume)
+        try:
+            self.train()
+        except KeyboardInterrupt:
+            self._save_on_interrupt()
+            raise
+        with runtime.eager():
+            return self.finish()
+
+    # --- setup -------------------------------------------------------------------------------------
+
+    def setup(self, resume: bool = False) -> None:
+        """Everything before the first step. Whatever can fail on bad input is loaded before the run folder
+        is touched."""
         from accelerate.utils import set_seed
-        from transformers import get_scheduler
 
-        cfg, train = self.config, self.config.train
-        resume = train.resume if resume is None else resume
-        self.accelerator = acc = models.make_accelerator(train.mixed_precision, train.report_to, self.run_dir)
-        checkpoint.check_unsharded(acc)
+        train = self.config.train
+        self.accelerator = models.make_accelerator(train.mixed_precision, train.report_to, self.run_dir)
+        checkpoint.check_unsharded(self.accelerator)
         _check_run_dir(self.run_dir, resume, train.overwrite)
+        set_seed(self.config.seed)
+        self._setup_model()
+        self._setup_data()
+        self._setup_optimizer()
+        self._setup_run_dir(resume)
+        if self.state.step == 0:
+            self.validate()  # step 0 is the base model (LoRA starts as the identity): the reference
+        self.callbacks.call("on_fit_start", self)
 
-        # Everything that can fail on bad input is loaded before the run folder is touched.
-        set_seed(cfg.seed)
+    def _setup_model(self) -> None:
+        cfg, acc = self.config, self.accelerator
         self.tokenizer = models.load_tokenizer(cfg.model, log=self.log)
         base = models.load_model(cfg.model, log=self.log)
         if not getattr(base, "is_quantized", False):  # bitsandbytes places quantized weights when loading
@@ -78,35 +133,40 @@ class Trainer:
         self.model = methods.apply(cfg.method, base)
         trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
         total = sum(p.numel() for p in self.model.parameters())
-        self._params = {"trainable_params": trainable, "total_params": total}
+        self.param_counts = {"trainable_params": trainable, "total_params": total}
         self.log(f"{cfg.method.name}: {trainable:,} trainable of {total:,} parameters ({trainable / total:.2%})")
-        stream, val_sets = self._prepare_data()
-        world, batch, accum = acc.num_processes, train.batch_size, train.grad_accum
-        self._global_batch = batch * accum * world
+
+    def _setup_data(self) -> None:
+        cfg, acc = self.config, self.accelerator
+        separate = cfg.data.separate_documents and not methods.is_prompt_learning(self.model)
+        self.data = build_training_data(cfg, self.tokenizer, acc, separate, log=self.log)
+        stream, world, batch, accum = self.data.stream, acc.num_processes, cfg.train.batch_size, cfg.train.grad_accum
+        self.global_batch = batch * accum * world
         self.log(
             f"train: {stream.tokens:,} tokens in {stream.rows_per_epoch:,} rows of {cfg.data.seq_len}; "
-            f"global batch {batch} x {accum} accumulation x {world} processes = {self._global_batch} rows"
-            f" ({self._global_batch * cfg.data.seq_len:,} tokens) per step; {train.max_steps} steps = "
-            f"{stream.epoch_of(train.max_steps, world, batch, accum):.2f} epochs"
+            f"global batch {batch} x {accum} accumulation x {world} processes = {self.global_batch} rows"
+            f" ({self.global_batch * cfg.data.seq_len:,} tokens) per step; {cfg.train.max_steps} steps = "
+            f"{stream.epoch_of(cfg.train.max_steps, world, batch, accum):.2f} epochs"
         )
 
-        forward = self._training_forward(stream)
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        optimizer = methods.optimizer(cfg.method, self.model, train.lr, train.weight_decay)
-        scheduler = get_scheduler(
-            train.lr_schedule if train.lr_schedule != "constant" else "constant_with_warmup",
-            optimizer,
-            num_warmup_steps=train.warmup_steps,
-            num_training_steps=train.max_steps,
+    def _setup_optimizer(self) -> None:
+        from transformers import get_scheduler
+
+        train, acc = self.config.train, self.accelerator
+        forward, self.compiled = setup_training_forward(self.model, train, acc, self.data.sample(), self.log)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        optimizer = methods.optimizer(self.config.method, self.model, train.lr, train.weight_decay)
+        schedule = train.lr_schedule if train.lr_schedule != "constant" else "constant_with_warmup"
+        self.scheduler = get_scheduler(
+            schedule, optimizer, num_warmup_steps=train.warmup_steps, num_training_steps=train.max_steps
         )
         # The scheduler is stepped by hand once per optimizer step, whatever the process count.
         # The module Accelerate wraps is the whole training forward, loss included (DDP syncs through it).
-        model, optimizer = acc.prepare(forward, optimizer)
-        peft_model = self.model
+        self.forward, self.optimizer = acc.prepare(forward, optimizer)
 
-        state = {"best_step": None, "best_val_loss": None, "evals_since_best": 0, "train_tokens": 0,
-                 "baseline": None, "recent_losses": [], "bad_steps": 0}  # fmt: skip
-        start = 0
+    def _setup_run_dir(self, resume: bool) -> None:
+        """A fresh run folder, or the newest complete checkpoint restored into model, optimizer and state."""
+        cfg, acc = self.config, self.accelerator
         found = checkpoint.latest_valid(self.run_dir, log=self.log) if resume else None
         if resume and not found and checkpoint.checkpoints(self.run_dir):
             raise PeftkitError(
@@ -116,219 +176,159 @@ class Trainer:
         if acc.is_main_process:
             _reset_run_dir(self.run_dir, fresh=found is None)
             cfg.save_yaml(self.run_dir / "config.yaml")
-            write_manifest(self.run_dir, cfg, world)
-        if train.report_to:  # after the run folder is set up: trackers write into it
+            write_manifest(self.run_dir, cfg, acc.num_processes)
+        if cfg.train.report_to:  # after the run folder is set up: trackers write into it
             acc.init_trackers("tb", config=_flat(cfg.to_dict()))
-        if acc.is_main_process:
-            if methods.converts_on_save(cfg.method):
-                peft_model.save_pretrained(self._initial_adapter)  # PiSSA/OLoRA: the reference for conversion
+        if acc.is_main_process and methods.converts_on_save(cfg.method):
+            self.model.save_pretrained(self.initial_adapter)  # PiSSA/OLoRA: the reference for conversion
         acc.wait_for_everyone()
         if found:
-            state = {**state, **checkpoint.load(found, peft_model, optimizer, scheduler, acc)}
-            start = state.pop("step")
+            saved = checkpoint.load(found, self.model, self.optimizer, self.scheduler, acc)
+            self.state = TrainState.from_json(saved)
             if acc.is_main_process:
-                _truncate_metrics(self.run_dir / "metrics.jsonl", start)
-            self.log(f"resumed from {found} at step {start}")
+                _truncate_metrics(self.run_dir / "metrics.jsonl", self.state.step)
+            self.log(f"resumed from {found} at step {self.state.step}")
         elif resume:
             self.log(f"{self.run_dir}: no complete checkpoint yet; starting from step 0")
-        if start == 0:
-            # Step 0 is the base model (LoRA starts as the identity): the reference for the curves
-            # and for the forgetting budget.
-            state["baseline"] = self._evaluate(0, peft_model, val_sets, [], state)
 
-        loop = (model, optimizer, scheduler, params, stream, val_sets)
-        self._done, self._updating = (start or None), False
-        try:
-            final_step, stop_reason = self._loop(loop, start, state)
-        except KeyboardInterrupt:
-            self._save_on_interrupt(model, optimizer, scheduler, state)
-            raise
-        with speed.eager():
-            return self._finish(model, peft_model, final_step, stop_reason, state)
+    # --- the loop ----------------------------------------------------------------------------------
 
-    def _loop(self, loop, start: int, state: dict) -> tuple[int, str | None]:
-        """Steps `start+1 .. max_steps`; returns the last step done and why it stopped early, if it did."""
-        model, optimizer, scheduler, params, stream, val_sets = loop
-        cfg, train, acc = self.config, self.config.train, self.accelerator
-        world, batch, accum = acc.num_processes, train.batch_size, train.grad_accum
-        tokens_per_step = self._global_batch * cfg.data.seq_len
-        bar = progress.bar(total=train.max_steps, initial=start, desc="train", unit="step",
-                           disable=not (acc.is_main_process and train.progress))  # fmt: skip
-        train_seconds, done = 0.0, start
-        separate = cfg.data.separate_documents and not methods.is_prompt_learning(self.model)
-        model.train()
-        for step in range(start, train.max_steps):
-            step_start = time.perf_counter()
-            step_loss = torch.zeros((), device=acc.device)
-            for micro in range(accum):
-                rows = stream.batch(step, micro, acc.process_index, world, batch, accum)
-                targets = stream.batch(step, micro, acc.process_index, world, batch, accum, part="labels")
-                extra = {}
-                if separate:  # positions restart per document: attention keeps documents apart
-                    positions = stream.batch(step, micro, acc.process_index, world, batch, accum, part="positions")
-                    extra["position_ids"] = positions.to(acc.device)  # with no cache, transformers then masks
-                inputs = rows
-                if "token_noise" in cfg.data.augment:  # noisy inputs, clean targets
-                    key = [self.config.seed, step, micro, acc.process_index]
-                    inputs = data.noise_tokens(rows, cfg.data.token_noise, len(self.tokenizer), key)
-                targets, inputs = targets.to(acc.device), inputs.to(acc.device)
-                with nullcontext() if micro == accum - 1 else acc.no_sync(model):
-                    loss = model(input_ids=inputs, labels=targets, **extra) / accum  # scale for accumulation
-                    acc.backward(loss)
-                step_loss += loss.detach()
-            grad_norm = acc.clip_grad_norm_(params, train.max_grad_norm) if train.max_grad_norm else None
-            step_loss = acc.reduce(step_loss, reduction="mean").item()
-            finite = math.isfinite(step_loss) and (grad_norm is None or math.isfinite(float(grad_norm)))
-            self._updating = True  # an interrupt inside the update must not be checkpointed
+    def train(self) -> None:
+        """Optimizer steps from `state.step` to train.max_steps, or until a callback stops the run."""
+        self._require_setup("train")
+        train, state, acc = self.config.train, self.state, self.accelerator
+        tokens_per_step = self.global_batch * self.config.data.seq_len
+        bar = progress.bar(
+            total=train.max_steps,
+            initial=state.step,
+            desc="train",
+            unit="step",
+            disable=not (acc.is_main_process and train.progress),
+        )
+        self.timer.start(state.step)
+        self.forward.train()
+        while state.step < train.max_steps and self.control.stop_reason is None:
+            started = time.perf_counter()
+            loss, grad_norm = self._accumulate_gradients(state.step)
+            finite = math.isfinite(loss) and (grad_norm is None or math.isfinite(grad_norm))
+            self.in_update = True  # an interrupt inside the update must not be checkpointed
             if finite:
-                optimizer.step()
-            scheduler.step()  # the schedule follows the step count, skipped steps included
-            optimizer.zero_grad(set_to_none=True)
-            state["train_tokens"] += tokens_per_step
-            done = step + 1
-            self._done = done
-            self._updating = False
-            seconds = time.perf_counter() - step_start
-            if done == start + 1:
-                self._first_step_s = seconds
-                if self._compiled:
-                    self.log(f"first step {seconds:.1f} s, compilation included")
-            else:  # steady state: the first step (warm-up, compilation) is reported apart, as first_step_s
-                train_seconds += seconds  # evaluation time is not training throughput
-            timed = (done - start - 1, train_seconds) if done > start + 1 else (1, seconds)
-            self._throughput = tokens_per_step * timed[0] / timed[1]
-            record = {"step": done, "loss": step_loss, "lr": scheduler.get_last_lr()[0], "tokens": state["train_tokens"],
-                      "tokens_per_s": self._throughput}  # fmt: skip
-            if grad_norm is not None:
-                record["grad_norm"] = float(grad_norm)
+                self.optimizer.step()
+            self.scheduler.step()  # the schedule follows the step count, skipped steps included
+            self.optimizer.zero_grad(set_to_none=True)
+            state.step += 1
+            state.train_tokens += tokens_per_step
+            self.in_update = False
+            record = StepRecord(
+                step=state.step,
+                loss=loss,
+                lr=self.scheduler.get_last_lr()[0],
+                tokens=state.train_tokens,
+                tokens_per_s=self.timer.step_done(state.step, time.perf_counter() - started, tokens_per_step),
+                grad_norm=grad_norm,
+                skipped=not finite,
+            )
+            if state.step == self.timer.first_step and self.compiled:
+                self.log(f"first step {self.timer.first_step_s:.1f} s, compilation included")
+            if finite:
+                state.recent_losses.append(loss)
+                bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{record.tokens_per_s:.0f}")
+                bar.update(1)
+            else:
+                state.bad_steps += 1
+            if not finite or state.step % train.log_every == 0:
+                self._log_metrics(record.to_json())
+            self.callbacks.call("on_step_end", self, record)
             if not finite:
-                state["bad_steps"] += 1
-                record["skipped"] = True
-                self._record(record, "on_step")
-                if state["bad_steps"] > train.max_bad_steps:
-                    kept = [p.name for _, p in checkpoint.checkpoints(self.run_dir)]
-                    raise PeftkitError(
-                        f"step {done}: non-finite loss or gradient ({state['bad_steps']} steps skipped, more than "
-                        f"train.max_bad_steps={train.max_bad_steps}); stopped. Kept checkpoints: "
-                        f"{', '.join(kept) or 'none'}. Lower train.lr or check the data"
-                    )
-                continue
-            state["recent_losses"].append(step_loss)
-            bar.set_postfix(loss=f"{step_loss:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
-            bar.update(1)
-            if done % train.log_every == 0:
-                self._record(record, "on_step")
-            if done % cfg.eval.every_steps == 0 or done == train.max_steps:
-                self._evaluate(done, self.model, val_sets, state["recent_losses"], state)
-                state["recent_losses"] = []
-                checkpoint.save(self.run_dir, done, model, optimizer, scheduler, state, acc)
-                if acc.is_main_process:
-                    checkpoint.prune(self.run_dir, train.keep_checkpoints, state["best_step"])
-                stop_reason = self._stop_reason(state)
-                if stop_reason:
-                    bar.close()
-                    return done, stop_reason
+                self._stop_if_diverged()
+            if self.control.evaluate:  # the guard asks at eval.every_steps and at the last step
+                self.validate()
+                self.save_checkpoint()
         bar.close()
-        return done, None
 
-    def _training_forward(self, stream) -> speed.TrainingForward:
-        """The training forward: chunked loss (checked against the model's own on a real row),
-        autocast-friendly adapter inputs, optional activation checkpointing, regional compilation."""
+    def _accumulate_gradients(self, step: int) -> tuple[float, float | None]:
+        """Gradients of one optimizer step over train.grad_accum micro-batches; (mean loss, gradient norm)."""
         train, acc = self.config.train, self.accelerator
-        chunked = train.chunked_loss
-        if chunked:
-            row = stream.batch(0, 0, 0, 1, 1, 1)
-            labels = stream.batch(0, 0, 0, 1, 1, 1, part="labels")
-            with acc.autocast():
-                chunked = speed.chunked_matches(self.model, row.to(acc.device), labels.to(acc.device))
-            if not chunked:
-                self.log("train.chunked_loss: this model's loss is not plain cross-entropy over its output layer "
-                         "(or it prepends virtual tokens); using its own forward, which holds every logit")  # fmt: skip
-        self._compiled = False
-        wanted, why = speed.compile_wanted(train.compile, self.model)
-        if wanted:
-            count = speed.compile_layers(self.model, assets.cache_dir() / "inductor")
-            self._compiled = count > 0
-            self.log(f"compiling {count} decoder layers (regional torch.compile; cached in {assets.cache_dir() / 'inductor'})"
-                     if count else "train.compile: no decoder layer list found; running eagerly")  # fmt: skip
-        elif train.compile != "false":
-            self.log(f"not compiling: {why}")
-        threads = speed.set_threads(int(os.environ.get("LOCAL_WORLD_SIZE", acc.num_processes)))
-        self.log(f"training forward: {'chunked' if chunked else 'full-logit'} loss, "
-                 f"{acc.mixed_precision if acc.mixed_precision in ('bf16', 'fp16') else 'fp32'} autocast, {threads} threads per process"
-                 + (", activation checkpointing" if train.gradient_checkpointing else ""))  # fmt: skip
-        return speed.training_forward(self.model, train, acc.mixed_precision, chunked, self._compiled)
+        step_loss = torch.zeros((), device=acc.device)
+        for micro in range(train.grad_accum):
+            batch = self.data.batch(
+                step, micro, acc.process_index, acc.num_processes, train.batch_size, train.grad_accum
+            )
+            batch = batch.to(acc.device)
+            # DDP all-reduces gradients on the last micro-batch only
+            with nullcontext() if micro == train.grad_accum - 1 else acc.no_sync(self.forward):
+                loss = self.forward(**batch.model_inputs()) / train.grad_accum  # scale for accumulation
+                acc.backward(loss)
+            step_loss += loss.detach()
+        grad_norm = acc.clip_grad_norm_(self.params, train.max_grad_norm) if train.max_grad_norm else None
+        step_loss = acc.reduce(step_loss, reduction="mean").item()
+        return step_loss, None if grad_norm is None else float(grad_norm)
 
-    def _save_on_interrupt(self, model, optimizer, scheduler, state: dict) -> None:
+    def _stop_if_diverged(self) -> None:
+        limit = self.config.train.max_bad_steps
+        if self.state.bad_steps > limit:
+            kept = [p.name for _, p in checkpoint.checkpoints(self.run_dir)]
+            raise PeftkitError(
+                f"step {self.state.step}: non-finite loss or gradient ({self.state.bad_steps} steps skipped, more "
+                f"than train.max_bad_steps={limit}); stopped. Kept checkpoints: {', '.join(kept) or 'none'}. "
+                "Lower train.lr or check the data"
+            )
+
+    def validate(self) -> dict:
+        """Held-out losses at the current step: validation and general text, KL from the base model's
+        answers and the train/validation gap. The guard marks the record before it is logged."""
+        self._require_setup("validate")
+        with runtime.eager():
+            record = self._held_out_record()
+        self.control.evaluate = False
+        self.state.recent_losses = []
+        self.callbacks.call("on_evaluate", self, record)
+        self._log_metrics(record)
+        self.log(_evaluation_message(record))
+        return record
+
+    def _held_out_record(self) -> dict:
+        ev, acc, recent = self.config.eval, self.accelerator, self.state.recent_losses
+        record = {"step": self.state.step}
+        if recent:
+            record["train_loss"] = sum(recent) / len(recent)
+        for name, (input_ids, labels) in self.data.val_sets.items():
+            total, tokens = nll(self.model, input_ids, labels, ev.batch_size, acc)
+            key = "val" if name == "domain" else name
+            record[f"{key}_loss"] = total / tokens
+            record[f"{key}_ppl"] = math.exp(total / tokens)
+        if self.answers is not None:
+            record["general_kl"] = forgetting.kl_from_base(acc.unwrap_model(self.model), self.answers, acc)
+        if recent:
+            record["gap"] = record["val_loss"] - record["train_loss"]
+        return record
+
+    def save_checkpoint(self) -> Path:
+        """Checkpoint the current step (every process calls this; written atomically)."""
+        path = checkpoint.save(
+            self.run_dir,
+            self.state.step,
+            self.forward,
+            self.optimizer,
+            self.scheduler,
+            self.state.to_json(),
+            self.accelerator,
+        )
+        self.callbacks.call("on_save", self, path)
+        return path
+
+    def _save_on_interrupt(self) -> None:
         """Ctrl-C: checkpoint the last completed step (one process only: a process group may be gone)."""
-        acc, done = self.accelerator, getattr(self, "_done", None)
-        if done is None or getattr(self, "_updating", False) or acc.num_processes > 1:
+        done = self.state.step
+        if not done or self.in_update or self.accelerator.num_processes > 1:
             return
         if not (self.run_dir / "checkpoints" / f"step-{done}").exists():
-            checkpoint.save(self.run_dir, done, model, optimizer, scheduler, state, acc)
+            checkpoint.save(
+                self.run_dir, done, self.forward, self.optimizer, self.scheduler, self.state.to_json(), self.accelerator
+            )
         self.log(f"interrupted: saved checkpoint step-{done}; continue with --train.resume=true")
 
-    def _prepare_data(self):
-        cfg = self.config
-        if data.streaming.active(cfg.data, self.log):
-            with self.accelerator.main_process_first():  # one process builds the token files, the others read them
-                domain = data.streaming.train_documents(cfg.data, self.tokenizer, self.log)
-            # the leakage check, memorisation and the prompted baseline look at a sample of the corpus
-            self.train_docs = data.streaming.train_sample(cfg.data)
-            kept = data.kept_by_max_train_docs(len(domain), cfg.data, cfg.seed)
-            if kept is not None:
-                domain = domain.select(kept)
-        else:
-            docs = data.load_split(cfg.data, "train", log=self.log)
-            kept = data.kept_by_max_train_docs(len(docs), cfg.data, cfg.seed)
-            if kept is not None:
-                docs = [docs[i] for i in kept]
-            self.train_docs = docs  # the corpus as given: the leakage check looks at these
-            augmented, labels = data.augment_documents(docs, cfg.data, cfg.seed), None
-            if cfg.data.format == "text":
-                tokens = data.tokenize_cached(self.tokenizer, augmented, self.log)
-            else:
-                pairs = data.encode_cached(self.tokenizer, augmented, cfg.data, self.log)
-                tokens, labels = [p[0] for p in pairs], [p[1] for p in pairs]
-            if len(tokens) > len(docs):
-                self.log(f"sentence_shuffle: {len(tokens) - len(docs):,} reordered copies added to {len(docs):,} "
-                         "documents")  # fmt: skip
-            domain = data.Documents.from_arrays(tokens, labels)
-        # as the model reads them (chat examples rendered): for memorisation and the prompted baseline
-        self.train_texts = self.train_docs if cfg.data.format == "text" else data.plain_texts(
-            self.tokenizer, self.train_docs[:512], cfg.data)  # fmt: skip
-        parts = [domain]
-        if cfg.data.replay:
-            general = data.load_general(cfg.data, log=self.log)
-            if not general:
-                raise PeftkitError("data.replay needs data.general_source (general-domain documents to replay)")
-            wanted = int(domain.tokens * cfg.data.replay / (1 - cfg.data.replay))
-            replay = data.replay_documents(
-                general, self.tokenizer, max(cfg.eval.val_tokens, cfg.eval.test_tokens), wanted
-            )
-            self.log(f"replay: {sum(len(t) for t in replay):,} tokens of general text mixed into {domain.tokens:,} "
-                     "domain tokens")  # fmt: skip
-            parts.append(data.Documents.from_arrays(replay))  # general text: loss on every token
-        stream = data.PackedRows(parts, cfg.data.seq_len, cfg.seed)
-        if cfg.data.format != "text":
-            self.log(f"{cfg.data.format}: {stream.loss_share():.1%} of the training tokens carry loss (responses"
-                     + (" and prompts)" if cfg.data.train_on_prompt else " only)"))  # fmt: skip
-        needed = cfg.train.batch_size * self.accelerator.num_processes
-        if stream.rows_per_epoch < needed:
-            raise PeftkitError(
-                f"data.source: the training split has {stream.tokens} tokens, {stream.rows_per_epoch} rows of "
-                f"{cfg.data.seq_len}; one step needs {needed}. Add documents or lower data.seq_len / train.batch_size"
-            )
-        self.val_docs = data.load_split(cfg.data, "validation")
-        val_sets = {
-            "domain": data.eval_rows(self.tokenizer, self.val_docs, cfg.data.seq_len, cfg.eval.val_tokens, cfg.data)
-        }
-        general = data.load_general(cfg.data, log=self.log)
-        if general:
-            val_sets["general"] = data.eval_rows(self.tokenizer, general, cfg.data.seq_len, cfg.eval.val_tokens)
-        return stream, val_sets
-
-    def _record(self, record: dict, hook: str) -> None:
+    def _log_metrics(self, record: dict) -> None:
         if not self.accelerator.is_main_process:
             return
         with open(self.run_dir / "metrics.jsonl", "a") as f:
@@ -336,70 +336,39 @@ class Trainer:
         if self.config.train.report_to:
             scalars = {k: v for k, v in record.items() if k != "step" and isinstance(v, int | float)}
             self.accelerator.log(scalars, step=record["step"])
-        for callback in self.callbacks:
-            if hasattr(callback, hook):
-                getattr(callback, hook)(self, record)
 
-    def _evaluate(self, step: int, model, val_sets: dict, recent_losses: list[float], state: dict) -> dict:
-        """Held-out losses, the train/validation gap, and the best-checkpoint bookkeeping."""
-        with speed.eager():
-            return self._evaluate_eagerly(step, model, val_sets, recent_losses, state)
+    # --- the end -----------------------------------------------------------------------------------
 
-    def _evaluate_eagerly(self, step: int, model, val_sets: dict, recent_losses: list[float], state: dict) -> dict:
-        ev, acc = self.config.eval, self.accelerator
-        record = {"step": step}
-        if recent_losses:
-            record["train_loss"] = sum(recent_losses) / len(recent_losses)
-        for name, (input_ids, labels) in val_sets.items():
-            total, tokens = nll(model, input_ids, labels, ev.batch_size, acc)
-            key = "val" if name == "domain" else name
-            record[f"{key}_loss"] = total / tokens
-            record[f"{key}_ppl"] = math.exp(total / tokens)
-        if self.answers is not None:
-            record["general_kl"] = forgetting.kl_from_base(acc.unwrap_model(model), self.answers, acc)
-        if recent_losses:
-            record["gap"] = record["val_loss"] - record["train_loss"]
-        baseline = state["baseline"]
-        if step > 0:
-            ppl_budget, kl_budget = ev.max_general_ppl_increase, ev.max_general_kl
-            record["within_budget"] = not (
-                (ppl_budget is not None and "general_ppl" in record
-                 and record["general_ppl"] > baseline["general_ppl"] * (1 + ppl_budget))
-                or (kl_budget is not None and record.get("general_kl", 0.0) > kl_budget)
-            )  # fmt: skip
-            best = state["best_val_loss"]
-            if record["within_budget"] and (best is None or record["val_loss"] < best - ev.min_delta):
-                state.update(best_step=step, best_val_loss=record["val_loss"], evals_since_best=0)
-            else:
-                state["evals_since_best"] += 1
-            record["best_step"] = state["best_step"]
-        self._record(record, "on_eval")
-        message = f"step {step}: val loss {record['val_loss']:.4f} (ppl {record['val_ppl']:.2f})"
-        if "general_ppl" in record:
-            message += f", general ppl {record['general_ppl']:.2f}"
-        if "general_kl" in record:
-            message += f", general KL {record['general_kl']:.4f}"
-        if recent_losses:
-            message += f", train loss {record['train_loss']:.4f}, gap {record['gap']:+.4f}"
-        self.log(message + ("" if record.get("within_budget", True) else "  [beyond the forgetting budget]"))
-        return record
+    def finish(self) -> dict:
+        """Save the kept adapter, compare it with the base model, and write the report."""
+        self._require_setup("finish")
+        cfg, acc, state = self.config, self.accelerator, self.state
+        self.callbacks.call("on_train_end", self)  # the guard restores the best checkpoint
+        self._save_adapter()
+        report = final_evaluation(
+            cfg, self.model, self.tokenizer, acc, self.data, self.run_dir, state.best_step, self.answers, self.log
+        )
+        report.update(self._summary())
+        report["verdict"] = verdict(report, cfg.eval)
+        if acc.is_main_process:
+            (self.run_dir / "report.json").write_text(json.dumps(report, indent=2))
+            write_report_files(self.run_dir)
+            self.log(format_report(report))
+            self.log(f"adapter: {self.run_dir / 'adapter'}   report: {self.run_dir / 'report.html'}")
+        self.report = report
+        self.callbacks.call("on_run_end", self, report)
+        for tracker in acc.trackers:  # flush and close; not end_training(), which also ends the process group
+            tracker.finish()
+        acc.wait_for_everyone()
+        return report
 
-    def _stop_reason(self, state: dict) -> str | None:
-        ev = self.config.eval
-        if ev.patience and state["evals_since_best"] >= ev.patience:
-            return (f"validation loss did not improve by more than {ev.min_delta} (within the forgetting budget) "
-                    f"for {ev.patience} evaluations after step {state['best_step']}")  # fmt: skip
-        return None
-
-    def _finish(self, model, peft_model, final_step: int, stop_reason: str | None, state: dict) -> dict:
-        acc, best_step = self.accelerator, state["best_step"]
-        if best_step is not None and best_step != final_step:
-            checkpoint.load_adapter_weights(peft_model, self.run_dir / "checkpoints" / f"step-{best_step}" / "adapter")
-            self.log(f"restored the best checkpoint, step {best_step}")
+    def _save_adapter(self) -> None:
+        """RUN_DIR/adapter in plain PEFT format; PiSSA/OLoRA's is converted to LoRA on the original base."""
+        acc = self.accelerator
         if acc.is_main_process:
             shutil.rmtree(self.run_dir / "adapter", ignore_errors=True)
         converts = methods.converts_on_save(self.config.method)
-        checkpoint.save_adapter(acc, model, self.run_dir / "adapter", self._initial_adapter if converts else None)
+        checkpoint.save_adapter(acc, self.forward, self.run_dir / "adapter", self.initial_adapter if converts else None)
         if converts:
             # The in-memory base holds PiSSA/OLoRA residual weights, so disable_adapter() is not the base
             # model: evaluate the saved (converted) adapter on a freshly loaded original base instead.
@@ -407,89 +376,76 @@ class Trainer:
 
             acc.wait_for_everyone()
             base = models.load_model(self.config.model, log=self.log)
-            model = peft_model = PeftModel.from_pretrained(base, self.run_dir / "adapter").to(acc.device)
-            self.model = model
-        report = self.evaluate(peft_model)
-        report.update(best_step=best_step, adapter_step=best_step or final_step, final_step=final_step,
-                      stopped_early=stop_reason is not None, stop_reason=stop_reason or "reached train.max_steps",
-                      train_tokens=state["train_tokens"], best_val_loss=state["best_val_loss"],
-                      processes=acc.num_processes, global_batch_rows=self._global_batch,
-                      baseline=state["baseline"], method=self.config.method.name, **self._params,
-                      tokens_per_s=getattr(self, "_throughput", None), compiled=self._compiled,
-                      first_step_s=getattr(self, "_first_step_s", None))  # fmt: skip
-        if acc.is_main_process:  # diagnostics need no other process; generation runs on one
-            report.update(self._diagnostics(peft_model, best_step))
-        report["verdict"] = verdict(report, self.config.eval)
-        if acc.is_main_process:
-            (self.run_dir / "report.json").write_text(json.dumps(report, indent=2))
-            write_report_files(self.run_dir)
-            self.log(format_report(report))
-            self.log(f"adapter: {self.run_dir / 'adapter'}   report: {self.run_dir / 'report.html'}")
-        for tracker in acc.trackers:  # flush and close; not end_training(), which also ends the process group
-            tracker.finish()
-        acc.wait_for_everyone()
-        return report
+            self.model = PeftModel.from_pretrained(base, self.run_dir / "adapter").to(acc.device)
 
-    def _diagnostics(self, peft_model, best_step: int | None) -> dict:
-        """QA base vs tuned, generalisation gap, memorisation and leakage, for the report."""
-        ev, out = self.config.eval, {}
-        if ev.qa_questions:
-            path = assets.resolve(ev.qa_source, log=self.log)
-            path = path / "mmlu.jsonl" if path.is_dir() else path
-            seed, n = self.config.seed, ev.qa_questions
-            groups = {
-                "medical": qa.load_questions(path, True, n, seed),
-                "general": qa.load_questions(path, False, n, seed),
-            }
-            shots = {"medical": qa.load_questions(path, True, ev.kshot, seed, skip=n),
-                     "general": qa.load_questions(path, False, ev.kshot, seed, skip=n)}  # fmt: skip
-            out["qa"] = qa.compare(peft_model, self.tokenizer, groups, ev.batch_size, self.accelerator, shots)
-        if not ev.diagnostics:
-            return out
-        evals = [r for r in read_metrics(self.run_dir) if "gap" in r]
-        seq_len = self.config.data.seq_len
-        best = next((r for r in evals if r["step"] == best_step), None)
-        diagnostics = {
-            "generalization_gap": {
-                "best": {k: best[k] for k in ("step", "train_loss", "val_loss", "gap")} if best else None,
-                "end": {k: evals[-1][k] for k in ("step", "train_loss", "val_loss", "gap")} if evals else None,
-            },
-            "memorization": memorization(
-                peft_model,
-                self.tokenizer,
-                self.train_texts,
-                self.val_docs
-                if self.config.data.format == "text"
-                else data.plain_texts(self.tokenizer, self.val_docs[:512], self.config.data),
-                prefix=min(32, seq_len // 2),
-                length=min(16, seq_len // 4),
-                seed=self.config.seed,
-            ),  # fmt: skip
-            "leakage": {
-                "validation": find_leaks(self.train_docs, self.val_docs),
-                "test": find_leaks(self.train_docs, data.load_split(self.config.data, "test")),
-            },  # fmt: skip
+    def _summary(self) -> dict:
+        """The training side of the report."""
+        state, reason = self.state, self.control.stop_reason
+        return {
+            "best_step": state.best_step,
+            "adapter_step": state.best_step or state.step,
+            "final_step": state.step,
+            "stopped_early": reason is not None,
+            "stop_reason": reason or "reached train.max_steps",
+            "train_tokens": state.train_tokens,
+            "best_val_loss": state.best_val_loss,
+            "processes": self.accelerator.num_processes,
+            "global_batch_rows": self.global_batch,
+            "baseline": state.baseline,
+            "method": self.config.method.name,
+            **self.param_counts,
+            "tokens_per_s": self.timer.tokens_per_s,
+            "compiled": self.compiled,
+            "first_step_s": self.timer.first_step_s,
         }
-        if data.streaming.active(self.config.data):  # the training side is a sample: say of how many
-            documents = data.streaming.train_stats(self.config.data)["train"]["documents"]
-            for leak in diagnostics["leakage"].values():
-                leak["sampled_from"] = documents
-        diagnostics["underfitting"] = underfitting(read_metrics(self.run_dir), self.config.eval)
-        out["diagnostics"] = diagnostics
-        return out
 
     def evaluate(self, model=None) -> dict:
-        """Base vs tuned perplexity on the domain test split and the general text (fixed token budgets)."""
-        sets = test_sets(self.config, self.tokenizer)
-        report = compare_base_and_tuned(model or self.model, sets, self.config.eval.batch_size, self.accelerator)
-        prefix = domain_prompt(self.tokenizer, self.train_texts, self.config.eval.prompt_tokens)
-        if prefix is not None:
-            report["base_prompted"] = prompted_baseline(model or self.model, sets["domain"], prefix,
-                                                        self.config.eval.batch_size, self.accelerator)  # fmt: skip
-        if self.answers is not None:
-            report["general_kl"] = forgetting.kl_from_base(self.accelerator.unwrap_model(model or self.model),
-                                                           self.answers, self.accelerator)  # fmt: skip
-        return report
+        """Base vs tuned perplexity on the test rows, the prompted baseline and KL from the base, now."""
+        self._require_setup("evaluate")
+        with runtime.eager():
+            return held_out_comparison(
+                self.config, model or self.model, self.tokenizer, self.accelerator, self.data.texts, self.answers
+            )
+
+    def _require_setup(self, what: str) -> None:
+        if self.forward is None:
+            raise PeftkitError(
+                f"Trainer.{what}(): the trainer is not set up (no model, data or optimizer yet); call fit(), or "
+                "setup() first. A finished run is evaluated with peftkit.evaluation.evaluate_run(RUN_DIR)"
+            )
+
+
+class StepTimer:
+    """Steady-state throughput: the first step of a process's run (warm-up, compilation) is timed apart."""
+
+    def __init__(self):
+        self.first_step = 1  # the first step this process runs (after a resume: the one after the checkpoint)
+        self.first_step_s: float | None = None
+        self.tokens_per_s: float | None = None
+        self._seconds = 0.0  # steps after the first
+
+    def start(self, step: int) -> None:
+        self.first_step = step + 1
+
+    def step_done(self, step: int, seconds: float, tokens_per_step: int) -> float:
+        if step == self.first_step:
+            self.first_step_s = seconds
+            self.tokens_per_s = tokens_per_step / seconds
+        else:  # evaluation time is not training throughput: only the steps are timed
+            self._seconds += seconds
+            self.tokens_per_s = tokens_per_step * (step - self.first_step) / self._seconds
+        return self.tokens_per_s
+
+
+def _evaluation_message(record: dict) -> str:
+    message = f"step {record['step']}: val loss {record['val_loss']:.4f} (ppl {record['val_ppl']:.2f})"
+    if "general_ppl" in record:
+        message += f", general ppl {record['general_ppl']:.2f}"
+    if "general_kl" in record:
+        message += f", general KL {record['general_kl']:.4f}"
+    if "train_loss" in record:
+        message += f", train loss {record['train_loss']:.4f}, gap {record['gap']:+.4f}"
+    return message + ("" if record.get("within_budget", True) else "  [beyond the forgetting budget]")
 
 
 def _flat(config: dict, prefix: str = "") -> dict:

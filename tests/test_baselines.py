@@ -133,7 +133,7 @@ def test_augmentation_changes_training_but_never_the_held_out_data(augment, tiny
     ra, rb = a.fit(), b.fit()
     assert ra["baseline"] == rb["baseline"]  # step-0 validation and general scores: identical held-out rows
     assert ra["base"] == rb["base"] and ra["eval_tokens"] == rb["eval_tokens"]  # identical test rows
-    assert a.val_docs == b.val_docs and a.train_docs == b.train_docs
+    assert a.data.val_docs == b.data.val_docs and a.data.documents == b.data.documents
     losses = [[json.loads(line).get("loss") for line in (t.run_dir / "metrics.jsonl").read_text().splitlines()]
               for t in (a, b)]  # fmt: skip
     assert losses[0] != losses[1]
@@ -147,8 +147,8 @@ def test_replay_mixes_general_text_into_training_only(tiny_config, tmp_path):
     trainer = Trainer(mixed, log=logs.append)
     trainer.fit()
     assert any(line.startswith("replay: ") for line in logs)
-    domain = sum(len(t) for t in data.tokenize(trainer.tokenizer, trainer.train_docs))
-    stream, _ = trainer._prepare_data()
+    domain = sum(len(t) for t in data.tokenize(trainer.tokenizer, trainer.data.documents))
+    stream = trainer.data.stream
     assert stream.tokens >= domain / 0.7 * 0.99  # 30% of the training tokens are general text
     no_general = dataclasses.replace(mixed, data=dataclasses.replace(mixed.data, general_source=""),
                                      output_dir=str(tmp_path / "no-general"))  # fmt: skip

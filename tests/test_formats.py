@@ -100,7 +100,7 @@ def test_training_on_instruction_data_puts_loss_on_responses_only(tiny_config, t
     report = trainer.fit()
     share = next(line for line in logs if "carry loss" in line)
     assert "instruction:" in share and "responses only" in share
-    stream, val_sets = trainer._prepare_data()
+    stream, val_sets = trainer.data.stream, trainer.data.val_sets
     assert 0.5 < stream.loss_share() < 0.97
     _, val_labels = val_sets["domain"]
     assert (val_labels == -100).float().mean() > 0.03  # prompts are not scored in evaluation either

@@ -125,8 +125,8 @@ class PoisonWeightsAt:
     def __init__(self, step):
         self.step = step
 
-    def on_step(self, trainer, record):
-        if record["step"] == self.step:
+    def on_step_end(self, trainer, record):
+        if record.step == self.step:
             with torch.no_grad():
                 next(p for n, p in trainer.model.named_parameters() if "lora_A" in n).fill_(float("nan"))
 

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from peft import LoraConfig, PromptTuningConfig, get_peft_model
 from transformers import AutoModelForCausalLM
 
-from peftkit import Trainer, speed
+from peftkit import Trainer, loss, runtime
 from tests.conftest import make_doc, write_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,7 +36,7 @@ def test_chunked_loss_equals_the_full_logit_loss_and_its_gradients(tiny_model_di
     x = torch.randint(3, 40, (3, 24))
     labels = x.clone()
     labels[0, :10] = -100  # masked prompt tokens count nowhere
-    decoder, head = speed.decoder_and_head(model)
+    decoder, head = loss.decoder_and_head(model)
 
     full = model(input_ids=x, labels=labels).loss
     full.backward()
@@ -45,7 +45,7 @@ def test_chunked_loss_equals_the_full_logit_loss_and_its_gradients(tiny_model_di
 
     # chunks of 7 positions: the 23 x 3 scored positions split unevenly
     n = (labels[:, 1:] != -100).sum()
-    ours = speed.nll_sum(head, speed.hidden_states(decoder, x), labels, chunk=7) / n
+    ours = loss.nll_sum(head, loss.hidden_states(decoder, x), labels, chunk=7) / n
     ours.backward()
     assert torch.allclose(ours, full, rtol=1e-6)
     for name, parameter in model.named_parameters():
@@ -53,8 +53,8 @@ def test_chunked_loss_equals_the_full_logit_loss_and_its_gradients(tiny_model_di
             assert torch.allclose(parameter.grad, expected[name], atol=1e-6), name
 
     # the module the trainer prepares gives the same loss
-    assert torch.allclose(speed.TrainingForward(model)(x, labels), full, rtol=1e-6)
-    assert torch.allclose(speed.TrainingForward(model, chunked=False)(x, labels), full, rtol=1e-6)
+    assert torch.allclose(loss.TrainingForward(model)(x, labels), full, rtol=1e-6)
+    assert torch.allclose(loss.TrainingForward(model, chunked=False)(x, labels), full, rtol=1e-6)
 
 
 def test_chunked_loss_is_refused_where_it_would_be_wrong(tiny_model_dir):
@@ -66,15 +66,15 @@ def test_chunked_loss_is_refused_where_it_would_be_wrong(tiny_model_dir):
         AutoModelForCausalLM.from_pretrained(tiny_model_dir),
         PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4),
     )
-    assert speed.decoder_and_head(prompt) is None and not speed.chunked_matches(prompt, x, x)
+    assert loss.decoder_and_head(prompt) is None and not loss.chunked_matches(prompt, x, x)
     # Granite divides its logits by a scale: not plain cross-entropy over lm_head(hidden)
     torch.manual_seed(0)
     granite = GraniteForCausalLM(GraniteConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                                                num_attention_heads=2, num_key_value_heads=2, logits_scaling=4.0))  # fmt: skip
-    assert speed.decoder_and_head(granite) is not None
-    assert not speed.chunked_matches(granite, x, x)
+    assert loss.decoder_and_head(granite) is not None
+    assert not loss.chunked_matches(granite, x, x)
     # and the TrainingForward of a plain Llama passes the same check
-    assert speed.chunked_matches(lora_model(tiny_model_dir), x, x)
+    assert loss.chunked_matches(lora_model(tiny_model_dir), x, x)
 
 
 def losses(run_dir: Path) -> list[float]:
@@ -113,7 +113,7 @@ def test_gradient_checkpointing_changes_memory_not_the_training(tiny_config, tmp
     assert losses(Path(plain.output_dir)) == pytest.approx(losses(tmp_path / "gc"), rel=1e-5)
 
 
-@pytest.mark.skipif(not speed.compile_wanted("true", torch.nn.Linear(1, 1))[0], reason="needs a C++ compiler")
+@pytest.mark.skipif(not runtime.compile_wanted("true", torch.nn.Linear(1, 1))[0], reason="needs a C++ compiler")
 def test_compiled_layers_train_like_eager_ones(tiny_config, tmp_path):
     eager = dataclasses.replace(with_train(tiny_config, max_steps=4, compile="false"), output_dir=str(tmp_path / "e"))
     compiled = dataclasses.replace(with_train(tiny_config, max_steps=4, compile="true"), output_dir=str(tmp_path / "c"))
@@ -127,9 +127,9 @@ def test_compiled_layers_train_like_eager_ones(tiny_config, tmp_path):
 
 def test_auto_compiles_only_models_big_enough_to_pay_back(tiny_model_dir):
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-    assert speed.compile_wanted("auto", model) == (False, speed.compile_wanted("auto", model)[1])
-    assert "50M" in speed.compile_wanted("auto", model)[1]
-    assert speed.compile_wanted("false", model)[0] is False
+    assert runtime.compile_wanted("auto", model) == (False, runtime.compile_wanted("auto", model)[1])
+    assert "50M" in runtime.compile_wanted("auto", model)[1]
+    assert runtime.compile_wanted("false", model)[0] is False
 
 
 def test_bench_quick_runs_every_configuration_and_writes_the_json(tiny_model_dir, tmp_path):
@@ -160,7 +160,7 @@ def test_cross_entropy_reference_shape():
     labels = torch.randint(0, 6, (2, 5))
     labels[1, 3] = -100
     expected = F.cross_entropy(head(hidden)[:, :-1].reshape(-1, 6), labels[:, 1:].reshape(-1), reduction="sum")
-    assert torch.allclose(speed.nll_sum(head, hidden, labels, chunk=3), expected, atol=1e-6)
+    assert torch.allclose(loss.nll_sum(head, hidden, labels, chunk=3), expected, atol=1e-6)
 
 
 @pytest.mark.parametrize("case", ["lora", "dora", "ia3", "loha", "lokr", "top_layers", "prompt_tuning"])

@@ -224,17 +224,16 @@ def test_a_csv_column_that_looks_numeric_at_first_is_still_read_as_text(tmp_path
 
 
 def test_the_trainer_reads_the_same_rows_streamed_or_whole_with_max_train_docs_and_replay(tiny_config, tmp_path):
-    from peftkit import Trainer, models
+    from peftkit import models
+    from peftkit.data.training import build_training_data
 
     path = write(tmp_path, corpus(500), "jsonl")
     streams = {}
     for mode in ("off", "on"):
         config = dataclasses.replace(tiny_config, output_dir=str(tmp_path / mode), data=dataclasses.replace(
             tiny_config.data, source=str(path), streaming=mode, dedup="exact", max_train_docs=150, replay=0.25))  # fmt: skip
-        trainer = Trainer(config, log=lambda _: None)
-        trainer.accelerator = models.make_accelerator("no")
-        trainer.tokenizer = models.load_tokenizer(config.model)
-        streams[mode], _ = trainer._prepare_data()
+        tokenizer = models.load_tokenizer(config.model)
+        streams[mode] = build_training_data(config, tokenizer, models.make_accelerator("no"), log=lambda _: None).stream
     whole, streamed = streams["off"], streams["on"]
     assert len(streamed.parts[0]) == 150 and streamed.tokens == whole.tokens
     for part in ("ids", "labels", "positions"):

@@ -73,8 +73,8 @@ class StopAt:
     def __init__(self, step):
         self.step = step
 
-    def on_step(self, trainer, record):
-        if record["step"] == self.step:
+    def on_step_end(self, trainer, record):
+        if record.step == self.step:
             raise KeyboardInterrupt
 
 

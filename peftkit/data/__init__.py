@@ -218,3 +218,6 @@ def encode_cached(tokenizer, docs: list[str], config: DataConfig | None, log=lam
         arrays["labels"] = np.concatenate([p[1] for p in pairs])
     _store(path, **arrays)
     return pairs
+
+
+from peftkit.data.training import Batch, TrainingData, build_training_data, training_documents, training_texts  # noqa: E402,F401

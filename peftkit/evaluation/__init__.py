@@ -1,6 +1,16 @@
 """Held-out evaluation: perplexity on domain and general text, base vs tuned, and the report."""
 
+from peftkit.evaluation.final import evaluate_run, final_evaluation
 from peftkit.evaluation.perplexity import nll, perplexity
-from peftkit.evaluation.report import compare_base_and_tuned, evaluate_run, format_report, test_sets, verdict
+from peftkit.evaluation.report import compare_base_and_tuned, format_report, test_sets, verdict
 
-__all__ = ["compare_base_and_tuned", "evaluate_run", "format_report", "nll", "perplexity", "test_sets", "verdict"]
+__all__ = [
+    "compare_base_and_tuned",
+    "evaluate_run",
+    "final_evaluation",
+    "format_report",
+    "nll",
+    "perplexity",
+    "test_sets",
+    "verdict",
+]

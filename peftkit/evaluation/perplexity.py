@@ -8,7 +8,7 @@ from contextlib import nullcontext
 import torch
 import torch.nn.functional as F
 
-from peftkit import speed
+from peftkit import loss as chunked_loss
 from peftkit.data import IGNORE_INDEX
 from peftkit.methods import sequence_logits
 from peftkit.progress import bar
@@ -35,9 +35,9 @@ def nll(model, input_ids: torch.Tensor, labels: torch.Tensor, batch_size: int, a
             index = mine[start : start + batch_size]
             x, y = input_ids[index].to(device), labels[index].to(device)
             target = y[:, 1:]
-            if speed.chunked_matches(model, x[:1], y[:1]):  # never all of the batch's logits at once
-                decoder, head = speed.decoder_and_head(model)
-                loss = speed.nll_sum(head, speed.hidden_states(decoder, x), y)
+            if chunked_loss.chunked_matches(model, x[:1], y[:1]):  # never all of the batch's logits at once
+                decoder, head = chunked_loss.decoder_and_head(model)
+                loss = chunked_loss.nll_sum(head, chunked_loss.hidden_states(decoder, x), y)
             else:
                 logits = sequence_logits(model, x)[:, :-1]
                 loss = F.cross_entropy(

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import json
 import math
 from contextlib import nullcontext
-from pathlib import Path
 
 import torch
 
@@ -22,39 +20,6 @@ def test_sets(config, tokenizer) -> dict[str, tuple[torch.Tensor, torch.Tensor]]
     if general:
         sets["general"] = data.eval_rows(tokenizer, general, seq_len, budget)
     return sets
-
-
-def evaluate_run(run_dir: Path) -> dict:
-    """Recompute a finished run's base-vs-tuned comparison from RUN_DIR/config.yaml and RUN_DIR/adapter."""
-    from peft import PeftModel
-
-    from peftkit import models
-    from peftkit.config import Config
-    from peftkit.errors import PeftkitError
-
-    run_dir = Path(run_dir)
-    if not (run_dir / "adapter" / "adapter_config.json").exists():
-        raise PeftkitError(f"{run_dir}: no adapter/ folder; is this a finished peftkit run?")
-    config = Config.from_yaml(run_dir / "config.yaml")
-    accelerator = models.make_accelerator(config.train.mixed_precision)
-    tokenizer = models.load_tokenizer(config.model)
-    model = PeftModel.from_pretrained(models.load_model(config.model), run_dir / "adapter")
-    sets = test_sets(config, tokenizer)
-    model = model.to(accelerator.device)
-    report = compare_base_and_tuned(model, sets, config.eval.batch_size, accelerator)
-    train = data.plain_texts(tokenizer, data.first_train_documents(config.data, 512), config.data)
-    prefix = domain_prompt(tokenizer, train, config.eval.prompt_tokens)
-    if prefix is not None:
-        report["base_prompted"] = prompted_baseline(model, sets["domain"], prefix, config.eval.batch_size, accelerator)
-    path = run_dir / "report.json"
-    previous = json.loads(path.read_text()) if path.exists() else {}
-    previous.update(report)
-    previous["verdict"] = verdict(previous, config.eval)
-    path.write_text(json.dumps(previous, indent=2))
-    from peftkit.evaluation.render import write_report_files
-
-    write_report_files(run_dir)
-    return previous
 
 
 def compare_base_and_tuned(

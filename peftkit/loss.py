@@ -1,4 +1,5 @@
-"""The fast training path: the loss without the full logits, regional compilation, thread settings.
+"""The training loss: next-token cross-entropy without the full logits, its self-check, and the
+training forward built from them.
 
 A causal LM's loss is usually computed from logits over the whole vocabulary for every position:
 for SmolLM2 (49,152 tokens) a batch of 8 x 512 tokens makes 805 MB of fp32 logits, plus their
@@ -9,20 +10,14 @@ most one chunk of logits exists at once, in the forward pass and in the backward
 `TrainingForward` is the module Accelerate prepares (DDP needs the whole training forward to pass
 through the wrapped module). Prompt-learning methods, whose forward prepends virtual tokens, and
 models whose loss is not plain cross-entropy over `lm_head(hidden)` (checked once per model, on a
-real batch) take the model's own forward instead.
-
-Regional compilation compiles each decoder layer (`nn.Module.compile`); the layers share one
-compiled graph, so compiling costs seconds rather than minutes, and inductor's cache
-($PEFTKIT_CACHE/inductor) makes the next run start faster still. Evaluation and generation run
-eagerly (`eager()`): their shapes vary, and recompiling for each would cost more than it saves.
+real batch) take the model's own forward instead. `setup_training_forward` puts the pieces
+together for a run: the check, compilation (`peftkit.runtime`), threads and the log line.
 """
 
 from __future__ import annotations
 
 import os
-import shutil
 import weakref
-from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -32,7 +27,6 @@ from torch.utils.checkpoint import checkpoint
 from peftkit.data import IGNORE_INDEX
 
 CHUNK_TOKENS = 512  # positions per output-layer chunk: 512 x 49152 fp32 logits = 100 MB
-COMPILE_MIN_PARAMS = 50_000_000  # 'auto' compiles models at least this big: smaller ones train in seconds anyway
 CHECK_TOLERANCE = 1e-3  # relative difference allowed between the chunked loss and the model's own loss
 
 _verified: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # base model -> chunked loss == its own
@@ -157,8 +151,9 @@ class TrainingForward(nn.Module):
             return nll_sum(head, hidden_states(decoder, input_ids, **kwargs), labels, compiled=self.compiled_loss) / n
 
 
-def training_forward(model: nn.Module, train, mixed_precision: str, chunked: bool | None = None,
-                     compiled_loss: bool = False) -> TrainingForward:  # fmt: skip
+def training_forward(
+    model: nn.Module, train, mixed_precision: str, chunked: bool | None = None, compiled_loss: bool = False
+) -> TrainingForward:
     """The TrainingForward for `train` (TrainConfig) settings, activation checkpointing switched on in
     `model` where asked; `chunked` overrides train.chunked_loss (after a failed check)."""
     if train.gradient_checkpointing:
@@ -171,55 +166,42 @@ def training_forward(model: nn.Module, train, mixed_precision: str, chunked: boo
     )
 
 
-def compile_wanted(setting: str, model: nn.Module) -> tuple[bool, str]:
-    """Whether to compile ('auto': models of 50M+ parameters where a C++ compiler exists), and why not.
+def setup_training_forward(model, train, accelerator, sample, log) -> tuple[TrainingForward, bool]:
+    """The run's TrainingForward and whether its decoder layers were compiled.
 
-    Prompt-learning methods and quantized bases always run eagerly."""
-    from peftkit.methods import is_prompt_learning
+    `sample`: a training Batch of one row, on which the chunked loss is checked against the model's
+    own before it is trusted. `train`: TrainConfig.
+    """
+    from peftkit import assets, runtime
 
-    if setting == "false":
-        return False, "train.compile=false"
-    if is_prompt_learning(model):
-        return False, "prompt-learning methods run eagerly (their forward feeds virtual tokens or a prefix cache)"
-    if getattr(_base(model), "is_quantized", False):
-        return False, "quantized (bitsandbytes) bases run eagerly"
-    if torch.device(_device(model)).type == "cpu" and not shutil.which(os.environ.get("CXX", "g++")):
-        why = "no C++ compiler (g++) found, which torch.compile needs on the CPU; install one (apt install g++)"
-        if setting == "true":
-            from peftkit.errors import PeftkitError
-
-            raise PeftkitError(f"train.compile=true: {why}, or set train.compile=false")
-        return False, why
-    if setting == "auto" and sum(p.numel() for p in model.parameters()) < COMPILE_MIN_PARAMS:
-        return False, f"train.compile=auto: models under {COMPILE_MIN_PARAMS // 1_000_000}M parameters run eagerly"
-    return True, ""
-
-
-def _device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
-def compile_layers(model: nn.Module, cache_dir) -> int:
-    """Compile every decoder layer in place (regional compilation); returns how many were compiled."""
-    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir))
-    decoder = decoder_and_head(model)
-    layers = getattr(decoder[0], "layers", None) if decoder else None
-    if not isinstance(layers, nn.ModuleList):
-        return 0
-    for layer in layers:
-        layer.compile()
-    return len(layers)
-
-
-@contextmanager
-def eager():
-    """Run compiled modules eagerly inside (evaluation, generation: shapes vary, compiling would not pay)."""
-    with torch.compiler.set_stance("force_eager"):
-        yield
-
-
-def set_threads(processes_here: int) -> int:
-    """Share the CPU cores between the processes of this machine (torch uses them all in each by default)."""
-    if "OMP_NUM_THREADS" not in os.environ and processes_here > 1:
-        torch.set_num_threads(max(1, torch.get_num_threads() // processes_here))
-    return torch.get_num_threads()
+    chunked = train.chunked_loss
+    if chunked:
+        with accelerator.autocast():
+            chunked = chunked_matches(
+                model, sample.input_ids.to(accelerator.device), sample.labels.to(accelerator.device)
+            )
+        if not chunked:
+            log(
+                "train.chunked_loss: this model's loss is not plain cross-entropy over its output layer "
+                "(or it prepends virtual tokens); using its own forward, which holds every logit"
+            )
+    compiled = False
+    wanted, why = runtime.compile_wanted(train.compile, model)
+    if wanted:
+        cache = assets.cache_dir() / "inductor"
+        count = runtime.compile_layers(model, cache)
+        compiled = count > 0
+        log(
+            f"compiling {count} decoder layers (regional torch.compile; cached in {cache})"
+            if count
+            else "train.compile: no decoder layer list found; running eagerly"
+        )
+    elif train.compile != "false":
+        log(f"not compiling: {why}")
+    threads = runtime.set_threads(int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes)))
+    precision = accelerator.mixed_precision if accelerator.mixed_precision in ("bf16", "fp16") else "fp32"
+    log(
+        f"training forward: {'chunked' if chunked else 'full-logit'} loss, {precision} autocast, {threads} threads "
+        "per process" + (", activation checkpointing" if train.gradient_checkpointing else "")
+    )
+    return training_forward(model, train, accelerator.mixed_precision, chunked, compiled), compiled

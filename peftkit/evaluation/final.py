@@ -1,0 +1,141 @@
+"""The final evaluation: one function behind both the end of `Trainer.fit()` and `peftkit eval RUN`.
+
+Base vs tuned perplexity on the domain test split and the general text, the prompted (no fine-tuning)
+baseline, KL from the base model's answers, then on the main process the QA comparison and the
+diagnostics (generalisation gap, memorisation, leakage, underfitting). Both callers hand it the same
+inputs, chosen by the same functions (`data.training_documents` for the training side), so a run's
+report.json is reproduced by `peftkit eval` to the last digit.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from peftkit import assets, data
+from peftkit.dedup import find_leaks
+from peftkit.evaluation import forgetting, qa
+from peftkit.evaluation.memorization import memorization
+from peftkit.evaluation.render import read_metrics
+from peftkit.evaluation.report import compare_base_and_tuned, domain_prompt, prompted_baseline, test_sets, underfitting
+
+
+def held_out_comparison(config, model, tokenizer, accelerator, train_texts: list[str], answers=None) -> dict:
+    """Base vs tuned perplexity on the test rows, the prompted baseline and (with `answers`) KL from the base."""
+    sets = test_sets(config, tokenizer)
+    batch = config.eval.batch_size
+    report = compare_base_and_tuned(model, sets, batch, accelerator)
+    prefix = domain_prompt(tokenizer, train_texts, config.eval.prompt_tokens)
+    if prefix is not None:
+        report["base_prompted"] = prompted_baseline(model, sets["domain"], prefix, batch, accelerator)
+    if answers is not None:
+        report["general_kl"] = forgetting.kl_from_base(accelerator.unwrap_model(model), answers, accelerator)
+    return report
+
+
+def final_evaluation(
+    config, model, tokenizer, accelerator, training, run_dir: Path, best_step: int | None, answers=None, log=print
+) -> dict:
+    """Everything the report says about the tuned model (`training`: a TrainingData, or any object with
+    `documents`, `texts` and `val_docs`); QA and diagnostics are computed on the main process only."""
+    report = held_out_comparison(config, model, tokenizer, accelerator, training.texts, answers)
+    if accelerator.is_main_process:  # diagnostics need no other process; generation runs on one
+        if config.eval.qa_questions:
+            report["qa"] = _qa(config, model, tokenizer, accelerator, log)
+        if config.eval.diagnostics:
+            report["diagnostics"] = _diagnostics(config, model, tokenizer, training, run_dir, best_step)
+    return report
+
+
+def _qa(config, model, tokenizer, accelerator, log) -> dict:
+    ev, seed = config.eval, config.seed
+    path = assets.resolve(ev.qa_source, log=log)
+    path = path / "mmlu.jsonl" if path.is_dir() else path
+    groups = {name: qa.load_questions(path, medical, ev.qa_questions, seed) for name, medical in _QA_GROUPS}
+    shots = {
+        name: qa.load_questions(path, medical, ev.kshot, seed, skip=ev.qa_questions) for name, medical in _QA_GROUPS
+    }
+    return qa.compare(model, tokenizer, groups, ev.batch_size, accelerator, shots)
+
+
+_QA_GROUPS = (("medical", True), ("general", False))
+
+
+def _diagnostics(config, model, tokenizer, training, run_dir: Path, best_step: int | None) -> dict:
+    """Generalisation gap, memorisation, leakage and underfitting, for the report."""
+    records = read_metrics(run_dir)
+    evals = [r for r in records if "gap" in r]
+    best = next((r for r in evals if r["step"] == best_step), None)
+    fields = ("step", "train_loss", "val_loss", "gap")
+    seq_len = config.data.seq_len
+    diagnostics = {
+        "generalization_gap": {
+            "best": {k: best[k] for k in fields} if best else None,
+            "end": {k: evals[-1][k] for k in fields} if evals else None,
+        },
+        "memorization": memorization(
+            model,
+            tokenizer,
+            training.texts,
+            data.training_texts(tokenizer, training.val_docs, config.data),
+            prefix=min(32, seq_len // 2),
+            length=min(16, seq_len // 4),
+            seed=config.seed,
+        ),
+        "leakage": {
+            "validation": find_leaks(training.documents, training.val_docs),
+            "test": find_leaks(training.documents, data.load_split(config.data, "test")),
+        },
+    }
+    if data.streaming.active(config.data):  # the training side is a sample: say of how many
+        documents = data.streaming.train_stats(config.data)["train"]["documents"]
+        for leak in diagnostics["leakage"].values():
+            leak["sampled_from"] = documents
+    diagnostics["underfitting"] = underfitting(records, config.eval)
+    return diagnostics
+
+
+class _RunData:
+    """The training side of a finished run, chosen as the trainer chose it (no tokenisation needed)."""
+
+    def __init__(self, config, tokenizer, log):
+        self.documents = data.training_documents(config.data, config.seed, log)
+        self.texts = data.training_texts(tokenizer, self.documents, config.data)
+        self.val_docs = data.load_split(config.data, "validation")
+
+
+def evaluate_run(run_dir: Path, log=lambda _: None) -> dict:
+    """Recompute a finished run's final evaluation from RUN_DIR/config.yaml and RUN_DIR/adapter, as the
+    trainer computed it at the end of training, and rewrite report.json (+ .md, .html)."""
+    from peft import PeftModel
+
+    from peftkit import models, runtime
+    from peftkit.config import Config
+    from peftkit.errors import PeftkitError
+    from peftkit.evaluation.render import write_report_files
+    from peftkit.evaluation.report import verdict
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "adapter" / "adapter_config.json").exists():
+        raise PeftkitError(f"{run_dir}: no adapter/ folder; is this a finished peftkit run?")
+    config = Config.from_yaml(run_dir / "config.yaml")
+    accelerator = models.make_accelerator(config.train.mixed_precision)
+    tokenizer = models.load_tokenizer(config.model, log=log)
+    base = models.load_model(config.model, log=log)
+    if not getattr(base, "is_quantized", False):
+        base.to(accelerator.device)
+    # the base model's answers come from the untouched base, as in training
+    answers = forgetting.base_answers(base, tokenizer, accelerator) if config.eval.kl_prompts else None
+    model = PeftModel.from_pretrained(base, run_dir / "adapter").to(accelerator.device)
+    path = run_dir / "report.json"
+    previous = json.loads(path.read_text()) if path.exists() else {}
+    with runtime.eager():
+        training = _RunData(config, tokenizer, log)
+        report = final_evaluation(
+            config, model, tokenizer, accelerator, training, run_dir, previous.get("best_step"), answers, log
+        )
+    previous.update(report)
+    previous["verdict"] = verdict(previous, config.eval)
+    path.write_text(json.dumps(previous, indent=2))
+    write_report_files(run_dir)
+    return previous

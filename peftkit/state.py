@@ -1,0 +1,72 @@
+"""The run's state as typed records: what a checkpoint holds besides tensors, and what each step logs.
+
+`TrainState` is everything the loop and the guard decide with (step, tokens seen, the best step so
+far, patience, skipped steps); a checkpoint stores it as `state.json` and resume restores it, so a
+resumed run makes the same decisions as one that was never interrupted. `StepRecord` is one line of
+metrics.jsonl for an optimizer step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+
+@dataclass
+class TrainState:
+    """The trainer's and the guard's state after `step` optimizer steps."""
+
+    step: int = 0
+    """Optimizer steps completed."""
+    train_tokens: int = 0
+    """Training tokens consumed (global batch x sequence length per step, skipped steps included)."""
+    best_step: int | None = None
+    """The step whose validation loss is the lowest within the forgetting budget; its adapter is kept."""
+    best_val_loss: float | None = None
+    """Validation loss at `best_step`."""
+    evals_since_best: int = 0
+    """Evaluations since the best one: early stopping compares it with eval.patience."""
+    bad_steps: int = 0
+    """Steps skipped for a non-finite loss or gradient (the run stops past train.max_bad_steps)."""
+    recent_losses: list[float] = field(default_factory=list)
+    """Training losses since the last evaluation: their mean is the evaluation's train_loss."""
+    baseline: dict | None = None
+    """The step-0 evaluation record (the base model): the reference for the forgetting budget."""
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, record: dict) -> TrainState:
+        """The state saved by `to_json`; keys this version does not know are refused, missing ones default."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(record) - known)
+        if unknown:
+            raise ValueError(f"unknown trainer state keys {unknown}")
+        return cls(**record)
+
+
+@dataclass
+class StepRecord:
+    """One optimizer step, as a line of metrics.jsonl."""
+
+    step: int
+    loss: float
+    """Mean training loss of the step's global batch (all processes)."""
+    lr: float
+    """Learning rate after the step's scheduler update."""
+    tokens: int
+    """Training tokens consumed so far."""
+    tokens_per_s: float
+    """Steady-state throughput: steps after the first (warm-up, compilation) of this process's run."""
+    grad_norm: float | None = None
+    """Gradient norm before clipping (absent when train.max_grad_norm is 0)."""
+    skipped: bool = False
+    """The loss or gradient was not finite: the optimizer did not step."""
+
+    def to_json(self) -> dict:
+        record = dataclasses.asdict(self)
+        for key, unset in (("grad_norm", None), ("skipped", False)):
+            if record[key] == unset:
+                del record[key]
+        return record

@@ -1,0 +1,67 @@
+"""One final evaluation: `peftkit eval RUN` recomputes exactly what the trainer reported at the end of training."""
+
+import dataclasses
+import json
+import random
+
+import pytest
+
+from peftkit import PeftkitError, Trainer
+from peftkit.cli import main
+
+
+def qa_file(path):
+    rng = random.Random(0)
+    rows = [
+        {
+            "subject": subject,
+            "question": "the patient received",
+            "answer": rng.randrange(4),
+            "choices": ["aspirin", "the river", "insulin and recovered .", "music"],
+        }
+        for subject in ["anatomy"] * 6 + ["sociology"] * 6
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_peftkit_eval_reproduces_the_trainers_report_with_max_train_docs(tiny_config, tmp_path, capsys):
+    # max_train_docs keeps a seeded subset whose first documents differ from the split's first documents:
+    # the prompted baseline (its domain prefix) and memorisation must be built from that subset both times.
+    config = dataclasses.replace(
+        tiny_config,
+        data=dataclasses.replace(tiny_config.data, max_train_docs=60),
+        train=dataclasses.replace(tiny_config.train, max_steps=8),
+        eval=dataclasses.replace(
+            tiny_config.eval, qa_source=str(qa_file(tmp_path / "qa.jsonl")), qa_questions=5, kshot=1, prompt_tokens=16
+        ),
+    )
+    trained = Trainer(config, log=lambda _: None).fit()
+    assert {"base_prompted", "general_kl", "qa", "diagnostics", "verdict"} <= set(trained)
+    path = tmp_path / "run" / "report.json"
+    written = json.loads(path.read_text())
+    assert written == json.loads(json.dumps(trained))
+
+    # Spoil every evaluated number on disk, so that only a real recomputation can give them back.
+    spoiled = json.loads(path.read_text())
+    for key in ("base", "tuned", "change"):
+        spoiled[key] = {k: -1.0 for k in spoiled[key]}
+    spoiled["base_prompted"]["domain_ppl"] = -1.0
+    spoiled["general_kl"] = -1.0
+    spoiled["qa"] = {}
+    spoiled["diagnostics"] = {}
+    spoiled["verdict"] = {}
+    path.write_text(json.dumps(spoiled))
+
+    main(["--quiet", "eval", str(tmp_path / "run")])
+    assert "verdict:" in capsys.readouterr().out
+    assert json.loads(path.read_text()) == written  # every number and the verdict, to the last digit
+
+
+def test_a_trainer_that_has_not_trained_says_why_it_cannot_evaluate(tiny_config):
+    trainer = Trainer(tiny_config, log=lambda _: None)
+    trainer.log("logging works before fit()")
+    with pytest.raises(PeftkitError, match=r"Trainer.evaluate\(\): the trainer is not set up .* call fit\(\)"):
+        trainer.evaluate()
+    with pytest.raises(PeftkitError, match=r"Trainer.validate\(\)"):
+        trainer.validate()
