@@ -25,21 +25,19 @@ def preview(config: Config, timed_steps: int = 2, log=print) -> dict:
     tokenizer = models.load_tokenizer(config.model, log=log)
     seq_len, batch = config.data.seq_len, config.train.batch_size
     splits = {}
+    train_docs = data.training_documents(config.data, config.seed, log)  # the documents training would read
     if data.streaming.active(config.data, log):  # counted on the index's sample, never loaded whole
         stats = data.streaming.train_stats(config.data, log)
-        train_docs = data.streaming.train_sample(config.data, log)
         share = min(1.0, (config.data.max_train_docs or math.inf) / stats["train"]["documents"])
-        totals = {"documents": round(stats["train"]["documents"] * share),
-                  "characters": round(stats["train"]["characters"] * share)}  # fmt: skip
+        totals = {
+            "documents": round(stats["train"]["documents"] * share),
+            "characters": round(stats["train"]["characters"] * share),
+        }
         splits["train"] = _count(tokenizer, train_docs, config.seed, config.data, totals)
         for split in ("validation", "test"):
             docs = data.load_split(config.data, split)
             splits[split] = _count(tokenizer, docs, config.seed, config.data, stats[split])
     else:
-        train_docs = data.load_split(config.data, "train", log=log)
-        kept = data.kept_by_max_train_docs(len(train_docs), config.data, config.seed)
-        if kept is not None:
-            train_docs = [train_docs[i] for i in kept]
         train_docs = data.augment_documents(train_docs, config.data, config.seed)
         splits["train"] = _count(tokenizer, train_docs, config.seed, config.data)
         for split in ("validation", "test"):

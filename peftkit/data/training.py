@@ -78,7 +78,7 @@ def training_documents(config, seed: int, log=lambda _: None) -> list[str]:
     """The training documents a run uses, as given: the training split, or the seeded choice of
     data.max_train_docs from it; for a streamed corpus, the index's sample of it."""
     if data.streaming.active(config, log):
-        return data.streaming.train_sample(config)
+        return data.streaming.train_sample(config, log)
     docs = data.load_split(config, "train", log=log)
     kept = data.kept_by_max_train_docs(len(docs), config, seed)
     return docs if kept is None else [docs[i] for i in kept]
