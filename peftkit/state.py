@@ -70,3 +70,25 @@ class StepRecord:
             if record[key] == unset:
                 del record[key]
         return record
+
+
+class StepTimer:
+    """Steady-state throughput: the first step of a process's run (warm-up, compilation) is timed apart."""
+
+    def __init__(self):
+        self.first_step = 1  # the first step this process runs (after a resume: the one after the checkpoint)
+        self.first_step_s: float | None = None
+        self.tokens_per_s: float | None = None
+        self._seconds = 0.0  # steps after the first
+
+    def start(self, step: int) -> None:
+        self.first_step = step + 1
+
+    def step_done(self, step: int, seconds: float, tokens_per_step: int) -> float:
+        if step == self.first_step:
+            self.first_step_s = seconds
+            self.tokens_per_s = tokens_per_step / seconds
+        else:  # evaluation time is not training throughput: only the steps are timed
+            self._seconds += seconds
+            self.tokens_per_s = tokens_per_step * (step - self.first_step) / self._seconds
+        return self.tokens_per_s

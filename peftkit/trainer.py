@@ -36,19 +36,8 @@ from peftkit.evaluation.guard import OverfittingGuard
 from peftkit.evaluation.render import write_report_files
 from peftkit.loss import setup_training_forward
 from peftkit.manifest import write_manifest
-from peftkit.state import StepRecord, TrainState
-
-RUN_FILES = (
-    "config.yaml",
-    "metrics.jsonl",
-    "report.json",
-    "report.md",
-    "report.html",
-    "loss_curves.png",
-    "manifest.json",
-    "adapter",
-    "checkpoints",
-)
+from peftkit.rundir import check_run_dir, reset_run_dir, truncate_metrics
+from peftkit.state import StepRecord, StepTimer, TrainState
 
 
 class Trainer:
@@ -112,7 +101,7 @@ class Trainer:
         train = self.config.train
         self.accelerator = models.make_accelerator(train.mixed_precision, train.report_to, self.run_dir)
         checkpoint.check_unsharded(self.accelerator)
-        _check_run_dir(self.run_dir, resume, train.overwrite)
+        check_run_dir(self.run_dir, resume, train.overwrite)
         set_seed(self.config.seed)
         self._setup_model()
         self._setup_data()
@@ -174,7 +163,7 @@ class Trainer:
                 "Start over with --train.overwrite=true"
             )
         if acc.is_main_process:
-            _reset_run_dir(self.run_dir, fresh=found is None)
+            reset_run_dir(self.run_dir, fresh=found is None)
             cfg.save_yaml(self.run_dir / "config.yaml")
             write_manifest(self.run_dir, cfg, acc.num_processes)
         if cfg.train.report_to:  # after the run folder is set up: trackers write into it
@@ -186,7 +175,7 @@ class Trainer:
             saved = checkpoint.load(found, self.model, self.optimizer, self.scheduler, acc)
             self.state = TrainState.from_json(saved)
             if acc.is_main_process:
-                _truncate_metrics(self.run_dir / "metrics.jsonl", self.state.step)
+                truncate_metrics(self.run_dir / "metrics.jsonl", self.state.step)
             self.log(f"resumed from {found} at step {self.state.step}")
         elif resume:
             self.log(f"{self.run_dir}: no complete checkpoint yet; starting from step 0")
@@ -415,28 +404,6 @@ class Trainer:
             )
 
 
-class StepTimer:
-    """Steady-state throughput: the first step of a process's run (warm-up, compilation) is timed apart."""
-
-    def __init__(self):
-        self.first_step = 1  # the first step this process runs (after a resume: the one after the checkpoint)
-        self.first_step_s: float | None = None
-        self.tokens_per_s: float | None = None
-        self._seconds = 0.0  # steps after the first
-
-    def start(self, step: int) -> None:
-        self.first_step = step + 1
-
-    def step_done(self, step: int, seconds: float, tokens_per_step: int) -> float:
-        if step == self.first_step:
-            self.first_step_s = seconds
-            self.tokens_per_s = tokens_per_step / seconds
-        else:  # evaluation time is not training throughput: only the steps are timed
-            self._seconds += seconds
-            self.tokens_per_s = tokens_per_step * (step - self.first_step) / self._seconds
-        return self.tokens_per_s
-
-
 def _evaluation_message(record: dict) -> str:
     message = f"step {record['step']}: val loss {record['val_loss']:.4f} (ppl {record['val_ppl']:.2f})"
     if "general_ppl" in record:
@@ -457,41 +424,3 @@ def _flat(config: dict, prefix: str = "") -> dict:
         else:
             out[f"{prefix}{key}"] = value if isinstance(value, int | float | str | bool) else str(value)
     return out
-
-
-def _check_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
-    """Refuse, before anything is loaded or written, to start a new run over an existing one."""
-    existing = run_dir.is_dir() and any(run_dir.iterdir())
-    if resume and not (run_dir / "config.yaml").exists():
-        raise PeftkitError(f"{run_dir}: no peftkit run to resume (no config.yaml); start without --train.resume")
-    if existing and not resume:
-        if not overwrite:
-            raise PeftkitError(
-                f"output_dir {run_dir} already holds files; continue that run with --train.resume=true, replace it "
-                "with --train.overwrite=true, or choose another --output_dir"
-            )
-        if not (run_dir / "config.yaml").exists():
-            raise PeftkitError(f"output_dir {run_dir} is not a peftkit run folder; refusing to overwrite it")
-
-
-def _reset_run_dir(run_dir: Path, fresh: bool) -> None:
-    """Create the run folder; for a fresh start, remove the files of the run it replaces."""
-    if fresh and run_dir.is_dir():
-        for name in RUN_FILES:
-            path = run_dir / name
-            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
-    run_dir.mkdir(parents=True, exist_ok=True)
-
-
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop records written after the checkpoint we resume from (and a line cut short by a kill),
-    so the log reads as one run."""
-    if path.exists():
-        kept = []
-        for line in path.read_text().split("\n"):
-            try:
-                if json.loads(line)["step"] <= step:
-                    kept.append(line)
-            except (ValueError, KeyError):
-                continue
-        path.write_text("".join(line + "\n" for line in kept))
