@@ -8,14 +8,12 @@ unknown key or an invalid value raises `PeftkitError` naming the key and what wo
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import re
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from peftkit import schema
 from peftkit.errors import PeftkitError
 
 
@@ -336,7 +334,7 @@ class Config:
     @classmethod
     def from_dict(cls, data: dict, origin: str = "config") -> Config:
         """Build a config from nested dicts, rejecting unknown keys and invalid values."""
-        return _build(cls, data, prefix="", origin=origin)
+        return schema.build(cls, data, prefix="", origin=origin)
 
     def override(self, assignments: list[str], origin: str = "command line") -> Config:
         """Return a copy with `section.key=value` assignments applied, each value converted to its field's type."""
@@ -353,11 +351,11 @@ class Config:
             for section in sections:
                 path.append(section)
                 if not isinstance(node.get(section), dict):
-                    _unknown(".".join(path), _keys(Config, path[:-1]), origin)
+                    schema.unknown(".".join(path), schema.keys(Config, path[:-1]), origin)
                 node = node[section]
             if key not in node:
-                _unknown(dotted, _keys(Config, sections), origin)
-            node[key] = raw  # a string: _coerce converts it to the field's type
+                schema.unknown(dotted, schema.keys(Config, sections), origin)
+            node[key] = raw  # a string: schema.coerce converts it to the field's type
         return Config.from_dict(data, origin=origin)
 
     def save_yaml(self, path: str | Path) -> None:
@@ -387,116 +385,6 @@ class Config:
         return cls.from_dict(data, origin=str(path))
 
 
-def _keys(cls: type, path: list[str]) -> list[str]:
-    for section in path:
-        cls = typing.get_type_hints(cls)[section]
-    return [f.name for f in dataclasses.fields(cls)]
-
-
-def _unknown(dotted: str, valid: list[str], origin: str) -> typing.NoReturn:
-    parent, _, name = dotted.rpartition(".")
-    close = difflib.get_close_matches(name, valid, n=1)
-    hint = f"; did you mean '{parent + '.' if parent else ''}{close[0]}'?" if close else ""
-    raise PeftkitError(f"{origin}: unknown config key '{dotted}'{hint} (valid here: {', '.join(valid)})")
-
-
-def _build(cls: type, data: Any, prefix: str, origin: str) -> Any:
-    if not isinstance(data, dict):
-        raise PeftkitError(f"{origin}: config key '{prefix.rstrip('.')}' must be a mapping, got {data!r}")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    kwargs = {}
-    for key, value in data.items():
-        dotted = prefix + str(key)
-        if key not in fields:
-            _unknown(dotted, list(fields), origin)
-        kind = hints[key]
-        if dataclasses.is_dataclass(kind):
-            kwargs[key] = _build(kind, value, dotted + ".", origin)
-        else:
-            kwargs[key] = _coerce(value, kind, dotted, fields[key].metadata.get("choices"), origin)
-    try:
-        return cls(**kwargs)
-    except PeftkitError as err:
-        raise PeftkitError(f"{origin}: {err}") from None
-
-
-def _coerce(value: Any, kind: Any, key: str, choices: tuple | None, origin: str) -> Any:
-    def bad(expected: str) -> typing.NoReturn:
-        raise PeftkitError(f"{origin}: config key '{key}' must be {expected}, got {value!r}")
-
-    args = typing.get_args(kind)
-    if typing.get_origin(kind) in (typing.Union, types.UnionType) and type(None) in args:
-        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
-            return None
-        kind = next(a for a in args if a is not type(None))
-    if kind is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
-            return value.lower() in ("true", "yes", "1")
-        bad("true or false")
-    if kind is int:
-        if isinstance(value, str):
-            try:
-                return int(value)
-            except ValueError:
-                bad("an integer")
-        if isinstance(value, bool) or not isinstance(value, int):
-            if isinstance(value, float) and value.is_integer():
-                return int(value)
-            bad("an integer")
-        return value
-    if kind is float:
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            if isinstance(value, str):
-                try:
-                    return float(value)
-                except ValueError:
-                    pass
-            bad("a number")
-        return float(value)
-    if typing.get_origin(kind) is list:
-        if isinstance(value, str):
-            value = [v.strip().strip("'\"") for v in value.strip("[]").split(",") if v.strip()]
-        if typing.get_args(kind) == (int,):
-            if not isinstance(value, list) or not all(
-                isinstance(v, int | str) and not isinstance(v, bool) for v in value
-            ):
-                bad("a list of integers")
-            try:
-                return [int(v) for v in value]
-            except ValueError:
-                bad("a list of integers")
-        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            bad("a list of names")
-        return value
-    if kind is str:
-        if isinstance(value, bool | dict | list) or value is None:
-            bad("a string")
-        value = str(value)
-        if choices and value not in choices:
-            bad("one of " + ", ".join(repr(c) for c in choices))
-        return value
-    raise AssertionError(f"unsupported config type {kind} for {key}")
-
-
 def describe() -> list[tuple[str, str, Any, str]]:
     """Every config key as (dotted key, type, default, help), for --help and the docs."""
-    rows = []
-
-    def walk(cls: type, prefix: str) -> None:
-        hints = typing.get_type_hints(cls)
-        default = cls()
-        for f in dataclasses.fields(cls):
-            if dataclasses.is_dataclass(hints[f.name]):
-                walk(hints[f.name], prefix + f.name + ".")
-                continue
-            kind = getattr(hints[f.name], "__name__", str(hints[f.name]).replace("typing.", ""))
-            help_text = f.metadata.get("help", "")
-            if f.metadata.get("choices"):
-                help_text += f" (one of: {', '.join(f.metadata['choices'])})"
-            rows.append((prefix + f.name, kind, getattr(default, f.name), help_text))
-
-    walk(Config, "")
-    return rows
+    return schema.describe(Config)
