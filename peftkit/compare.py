@@ -16,37 +16,26 @@ import sys
 import time
 from pathlib import Path
 
+from peftkit import methods as registry
 from peftkit.errors import PeftkitError
 
-# Per-method overrides on top of the recipe. Learning rates follow each family's usual range
-# (IA3 and prompt tuning need ~10-100x LoRA's; whole blocks ~5x less).
-METHODS: dict[str, list[str]] = {
-    "lora": [],
-    "rslora": ["--method.rslora=true"],
-    "dora": ["--method.name=dora"],
-    "pissa": ["--method.init=pissa"],
-    "lora_plus": ["--method.lora_plus_ratio=16", "--train.lr=2.5e-4"],
-    "qlora": ["--model.quantization=nf4", "--method.name=qlora"],
-    "ia3": ["--method.name=ia3", "--method.target_modules=k_proj,v_proj,down_proj", "--train.lr=5e-3"],
-    "loha": ["--method.name=loha", "--method.r=8", "--method.alpha=16"],
-    "lokr": ["--method.name=lokr", "--train.lr=1e-3"],
-    "prompt_tuning": ["--method.name=prompt_tuning", "--train.lr=3e-2"],
-    "prefix_tuning": ["--method.name=prefix_tuning", "--train.lr=1e-2"],
-    "top_layers": ["--method.name=top_layers", "--method.top_layers=2", "--train.lr=1e-4"],
-}
+# Each method's overrides on top of the recipe (a LoRA recipe), in their command-line form: the presets
+# declared with the methods in peftkit/methods (compare() reads them there; this is for readers of the table).
+METHODS: dict[str, list[str]] = {name: preset.overrides() for name, preset in registry.presets().items()}
 
 
 def compare(target: str, methods: list[str], out: Path, overrides: list[str], log=print) -> list[dict]:
     """Train `target` (a recipe or YAML config) once per method into out/METHOD and tabulate the reports."""
-    unknown = [m for m in methods if m not in METHODS]
+    presets = registry.presets()
+    unknown = [m for m in methods if m not in presets]
     if unknown:
-        raise PeftkitError(f"--methods: unknown {', '.join(unknown)}; choose from {', '.join(METHODS)}")
+        raise PeftkitError(f"--methods: unknown {', '.join(unknown)}; choose from {', '.join(presets)}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     rows = []
     for method in methods:
         run_dir = out / method
-        command = [sys.executable, "-m", "peftkit.cli", "train", target, *overrides, *METHODS[method],
+        command = [sys.executable, "-m", "peftkit.cli", "train", target, *overrides, *presets[method].overrides(),
                    f"--output_dir={run_dir}", "--train.overwrite=true", "--train.progress=false"]  # fmt: skip
         log(f"[{method}] {' '.join(command[3:])}")
         started = time.perf_counter()
@@ -73,10 +62,10 @@ def compare(target: str, methods: list[str], out: Path, overrides: list[str], lo
 
 
 def _merge_rows(path: Path, rows: list[dict]) -> list[dict]:
-    """Rows of an earlier comparison in the same folder are kept unless re-run (order: METHODS)."""
+    """Rows of an earlier comparison in the same folder are kept unless re-run (order: the presets')."""
     previous = json.loads(path.read_text()) if path.exists() else []
     by_method = {r["method"]: r for r in previous} | {r["method"]: r for r in rows}
-    order = list(METHODS)
+    order = list(registry.presets())
     return sorted(by_method.values(), key=lambda r: order.index(r["method"]) if r["method"] in order else len(order))
 
 
@@ -91,8 +80,8 @@ def _row(method: str, report: dict, peak_mb: float | None, wall_s: float) -> dic
         "peak_rss_mb": peak_mb,
         "domain_ppl_base": round(report["base"]["domain_ppl"], 2),
         "domain_ppl": round(report["tuned"]["domain_ppl"], 2),
-        "general_ppl_base": round(report["base"]["general_ppl"], 2),
-        "general_ppl": round(report["tuned"]["general_ppl"], 2),
+        "general_ppl_base": _rounded(report["base"].get("general_ppl")),  # absent without data.general_source
+        "general_ppl": _rounded(report["tuned"].get("general_ppl")),
         "general_kl": round(report["general_kl"], 4) if report.get("general_kl") is not None else None,
         "medical_qa_base": qa.get("base_accuracy"),
         "medical_qa": qa.get("tuned_accuracy"),
@@ -101,9 +90,17 @@ def _row(method: str, report: dict, peak_mb: float | None, wall_s: float) -> dic
     }  # fmt: skip
 
 
+def _rounded(value: float | None) -> float | None:
+    return round(value, 2) if value is not None else None
+
+
 def format_table(rows: list[dict]) -> str:
     def pct(new, old):
         return f"{(new / old - 1) * 100:+.1f}%"
+
+    def change(r, column):
+        new, old = r[column], r[f"{column}_base"]
+        return f"{old} -> {new} ({pct(new, old)})" if new is not None and old is not None else "-"
 
     lines = ["| method | trainable | tokens/s | peak RSS | domain ppl | general ppl | KL from base | medical QA | verdict |",
              "|---|---:|---:|---:|---|---|---:|---|---|"]  # fmt: skip
@@ -112,9 +109,8 @@ def format_table(rows: list[dict]) -> str:
         kl = f"{r['general_kl']:.3f}" if r["general_kl"] is not None else "-"
         lines.append(
             f"| {r['method']} | {r['trainable_params']:,} ({r['trainable_share']:.2%}) | {r['tokens_per_s'] or 0:.0f} "
-            f"| {r['peak_rss_mb'] or 0:,.0f} MB | {r['domain_ppl_base']} -> {r['domain_ppl']} "
-            f"({pct(r['domain_ppl'], r['domain_ppl_base'])}) | {r['general_ppl_base']} -> {r['general_ppl']} "
-            f"({pct(r['general_ppl'], r['general_ppl_base'])}) | {kl} | {qa} | {r['verdict']} |"
+            f"| {r['peak_rss_mb'] or 0:,.0f} MB | {change(r, 'domain_ppl')} | {change(r, 'general_ppl')} "
+            f"| {kl} | {qa} | {r['verdict']} |"
         )
     return "\n".join(lines)
 
@@ -127,11 +123,17 @@ def chart(rows: list[dict], path: Path) -> None:
 
     names = [r["method"] for r in rows]
     domain = [(r["domain_ppl"] / r["domain_ppl_base"] - 1) * 100 for r in rows]
-    general = [(r["general_ppl"] / r["general_ppl_base"] - 1) * 100 for r in rows]
+    # runs without data.general_source have no general perplexity: no bar for them
+    general = {
+        i: (r["general_ppl"] / r["general_ppl_base"] - 1) * 100
+        for i, r in enumerate(rows)
+        if r["general_ppl"] is not None and r["general_ppl_base"] is not None
+    }
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 0.5 * len(rows) + 2))
     y = range(len(rows))
     left.barh([i - 0.2 for i in y], domain, height=0.4, label="domain (PubMed test)")
-    left.barh([i + 0.2 for i in y], general, height=0.4, label="general (Wikipedia)")
+    if general:
+        left.barh([i + 0.2 for i in general], list(general.values()), height=0.4, label="general (Wikipedia)")
     left.set_yticks(list(y), names)
     left.invert_yaxis()
     left.axvline(0, color="black", linewidth=0.8)

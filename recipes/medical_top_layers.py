@@ -15,18 +15,15 @@ smaller budget (its table is in the README, with time and memory on a 2-core CPU
 import dataclasses
 from pathlib import Path
 
-from peftkit import Config, MethodConfig
+from peftkit import Config
 from peftkit.cli import load_target
+from peftkit.methods import preset
 
 
 def config() -> Config:
-    base = load_target(str(Path(__file__).with_name("medical_lora.py")))
-    return dataclasses.replace(
-        base,
-        method=MethodConfig(name="top_layers", top_layers=2),
-        train=dataclasses.replace(base.train, lr=1e-4),
-        output_dir="runs/medical_top_layers",
-    )
+    medical_lora = load_target(str(Path(__file__).with_name("medical_lora.py")))
+    # the method and what it changes (learning rate, targets, ...) are its preset in peftkit/methods
+    return dataclasses.replace(preset("top_layers").apply(medical_lora), output_dir="runs/medical_top_layers")
 
 
 def main(argv=None) -> None:

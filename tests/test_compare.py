@@ -1,10 +1,35 @@
 """`peftkit compare`: several methods, one recipe, one table (tiny model, subprocess per method)."""
 
+import dataclasses
 import json
 import subprocess
 import sys
+from pathlib import Path
 
-from peftkit.compare import METHODS
+import pytest
+
+from peftkit import PeftkitError, methods
+from peftkit.cli import load_target
+from peftkit.compare import METHODS, chart, format_table
+
+MEDICAL_LORA = Path(__file__).resolve().parents[1] / "recipes" / "medical_lora.py"
+
+# compare.py's own per-method overrides before they became presets in the method registry (in its
+# table order): every preset must resolve a LoRA recipe to the config these did.
+OVERRIDES_BEFORE_PRESETS = {
+    "lora": [],
+    "rslora": ["--method.rslora=true"],
+    "dora": ["--method.name=dora"],
+    "pissa": ["--method.init=pissa"],
+    "lora_plus": ["--method.lora_plus_ratio=16", "--train.lr=2.5e-4"],
+    "qlora": ["--model.quantization=nf4", "--method.name=qlora"],
+    "ia3": ["--method.name=ia3", "--method.target_modules=k_proj,v_proj,down_proj", "--train.lr=5e-3"],
+    "loha": ["--method.name=loha", "--method.r=8", "--method.alpha=16"],
+    "lokr": ["--method.name=lokr", "--train.lr=1e-3"],
+    "prompt_tuning": ["--method.name=prompt_tuning", "--train.lr=3e-2"],
+    "prefix_tuning": ["--method.name=prefix_tuning", "--train.lr=1e-2"],
+    "top_layers": ["--method.name=top_layers", "--method.top_layers=2", "--train.lr=1e-4"],
+}
 
 
 def test_compare_tabulates_each_method_from_its_own_run(tiny_config, tmp_path):
@@ -44,3 +69,55 @@ def test_rerunning_some_methods_keeps_the_other_rows(tmp_path):
     path.write_text(json.dumps([{"method": "lora", "x": 1}, {"method": "ia3", "x": 2}]))
     rows = _merge_rows(path, [{"method": "dora", "x": 3}, {"method": "lora", "x": 4}])
     assert rows == [{"method": "lora", "x": 4}, {"method": "dora", "x": 3}, {"method": "ia3", "x": 2}]
+
+
+@pytest.mark.parametrize("recipe", ["medical_lora", "tiny"])
+def test_each_preset_resolves_a_lora_recipe_as_compares_overrides_did(recipe, tiny_config):
+    base = tiny_config if recipe == "tiny" else load_target(str(MEDICAL_LORA))
+    presets = methods.presets()
+    assert list(presets) == list(OVERRIDES_BEFORE_PRESETS)  # the same names in the same table order
+    for name, before in OVERRIDES_BEFORE_PRESETS.items():
+        assert presets[name].apply(base) == base.override(before), name
+        assert METHODS[name] == presets[name].overrides()  # what compare passes to each run
+    assert presets["pissa"].method == "lora" and presets["qlora"].method == "qlora"
+    with pytest.raises(PeftkitError, match="unknown preset 'magic'; choose from lora, rslora"):
+        methods.preset("magic")
+
+
+def test_compare_without_general_text_shows_no_general_column(tiny_config, tmp_path):
+    config = dataclasses.replace(tiny_config, data=dataclasses.replace(tiny_config.data, general_source=""))
+    config_file = tmp_path / "tiny.yaml"
+    config.save_yaml(config_file)
+    out = tmp_path / "compare"
+    cli = [sys.executable, "-m", "peftkit.cli", "compare", str(config_file), "--out", str(out)]
+    flags = ["--methods", "lora", "--train.max_steps=2", "--eval.every_steps=2"]
+    done = subprocess.run([*cli, *flags], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    [row] = json.loads((out / "compare.json").read_text())
+    assert row["general_ppl_base"] is None and row["general_ppl"] is None and row["domain_ppl"] > 0
+    cells = [c.strip() for c in (out / "compare.md").read_text().splitlines()[2].split("|")]
+    assert cells[5].startswith(f"{row['domain_ppl_base']} -> {row['domain_ppl']}") and cells[6] == "-"
+    assert (out / "compare.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_table_and_chart_skip_a_missing_general_perplexity(tmp_path):
+    row = {
+        "method": "lora",
+        "trainable_params": 10,
+        "trainable_share": 0.01,
+        "tokens_per_s": 5.0,
+        "peak_rss_mb": 100.0,
+        "domain_ppl_base": 20.0,
+        "domain_ppl": 10.0,
+        "general_ppl_base": 30.0,
+        "general_ppl": 33.0,
+        "general_kl": None,
+        "medical_qa_base": None,
+        "medical_qa": None,
+        "verdict": "yes",
+    }
+    rows = [row, row | {"method": "ia3", "general_ppl_base": None, "general_ppl": None}]
+    lines = format_table(rows).splitlines()
+    assert "| 30.0 -> 33.0 (+10.0%) |" in lines[2] and "| 20.0 -> 10.0 (-50.0%) | - |" in lines[3]
+    chart(rows, tmp_path / "compare.png")
+    assert (tmp_path / "compare.png").read_bytes()[:4] == b"\x89PNG"

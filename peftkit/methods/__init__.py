@@ -5,29 +5,92 @@ with the base weights frozen. Every method is a peft model, so saving, loading w
 switching adapters and `disable_adapter()` (the base model, for the guard's comparisons) work the
 same for all of them. Families: `lora` (lora, dora, qlora), `lycoris` (loha, lokr), `ia3`,
 `prompt` (prompt_tuning, prefix_tuning) and `partial` (top_layers).
+
+Each method declares its preset in its `register` line: the settings it needs on top of a LoRA
+recipe such as recipes/medical_lora.py (learning rate 5e-4), e.g. IA3's targets and learning rate.
+`variant(...)` names other presets of a method (`pissa` is lora with `method.init=pissa`).
+`peftkit compare` and the per-family recipes read them from here. torch is imported only where a
+method is built, so reading the registry and its presets (the CLI's help, config checks) stays cheap.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-
-import torch
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from peftkit.errors import PeftkitError
 
+if TYPE_CHECKING:
+    import torch
+
+    from peftkit.config import Config
+
 _REGISTRY: dict[str, Callable] = {}
+_PRESETS: dict[str, Preset] = {}  # in declaration order: the order of `peftkit compare`'s table
 
 
-def register(name: str) -> Callable[[Callable], Callable]:
+@dataclass(frozen=True)
+class Preset:
+    """A named way to run a method: the method and the settings it needs on top of a LoRA recipe."""
+
+    name: str
+    method: str
+    settings: dict[str, object] = field(default_factory=dict)  # dotted config keys: {"train.lr": 5e-3}
+
+    def overrides(self) -> list[str]:
+        """The preset as command-line overrides, e.g. ['--method.name=ia3', '--train.lr=0.005']."""
+        return [f"--{key}={_text(value)}" for key, value in {"method.name": self.method, **self.settings}.items()]
+
+    def apply(self, config: Config) -> Config:
+        """A copy of `config` with this preset's method and settings, resolved as the command line would."""
+        return config.override(self.overrides(), origin=f"preset {self.name}")
+
+
+def _text(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, list | tuple):
+        return ",".join(str(v) for v in value)
+    return str(value)
+
+
+def register(name: str, preset: dict[str, object] | None = None) -> Callable[[Callable], Callable]:
+    """Register a method's builder under `name`, with its preset (`preset`: settings on top of a LoRA
+    recipe, as dotted config keys, e.g. {"train.lr": 1e-3}) under the same name."""
+
     def decorate(build: Callable) -> Callable:
         _REGISTRY[name] = build
+        variant(name, name, preset or {})
         return build
 
     return decorate
 
 
+def variant(name: str, method: str, settings: dict[str, object]) -> None:
+    """Name another preset of the registered `method`, e.g. variant("rslora", "lora", {"method.rslora": True})."""
+    if method not in _REGISTRY:
+        raise PeftkitError(f"preset {name}: method {method!r} is not registered (register it first)")
+    if "method.name" in settings:
+        raise PeftkitError(f"preset {name}: the method is {method!r}; do not set method.name in its settings")
+    if name in _PRESETS:
+        raise PeftkitError(f"preset {name}: declared twice")
+    _PRESETS[name] = Preset(name, method, dict(settings))
+
+
 def names() -> list[str]:
     return sorted(_REGISTRY)
+
+
+def presets() -> dict[str, Preset]:
+    """Every preset by name, methods and variants, in declaration order."""
+    return dict(_PRESETS)
+
+
+def preset(name: str) -> Preset:
+    if name not in _PRESETS:
+        raise PeftkitError(f"unknown preset {name!r}; choose from {', '.join(_PRESETS)}")
+    return _PRESETS[name]
 
 
 def apply(config, model):
@@ -64,6 +127,8 @@ def targets(config, model) -> str | list[str]:
         return list(config.target_modules)
     if not config.layers:
         return "all-linear"
+    import torch
+
     return sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
                    if isinstance(module, torch.nn.Linear) and ".layers." in f".{name}"})  # fmt: skip
 
@@ -91,6 +156,8 @@ def sequence_logits(model, input_ids: torch.Tensor, **kwargs) -> torch.Tensor:
 
 def optimizer(config, model, lr: float, weight_decay: float) -> torch.optim.Optimizer:
     """AdamW over the trainable parameters; LoRA+ gives the B matrices `lora_plus_ratio` x the learning rate."""
+    import torch
+
     if config.lora_plus_ratio:
         from peft.optimizers import create_loraplus_optimizer
 
@@ -107,4 +174,6 @@ def converts_on_save(config) -> bool:
     return config.name in ("lora", "qlora") and config.init in ("pissa", "olora")
 
 
-from peftkit.methods import ia3, lora, lycoris, partial, prompt  # noqa: E402,F401  (they register themselves)
+# The families register themselves on import, in this order: it is the order of the presets (and
+# of `peftkit compare`'s table), so it is kept as written rather than sorted.
+from peftkit.methods import lora, ia3, lycoris, prompt, partial  # noqa: E402,F401,I001

@@ -8,7 +8,8 @@ DEFAULT_TARGETS = ["k_proj", "v_proj", "down_proj"]  # the paper's choice for de
 FEEDFORWARD = ["down_proj"]
 
 
-@register("ia3")
+# IA3 scales activations rather than adding to weights: it needs ~10x LoRA's learning rate
+@register("ia3", {"method.target_modules": DEFAULT_TARGETS, "train.lr": 5e-3})
 def build_ia3(config, model):
     from peft import IA3Config
 

@@ -4,7 +4,7 @@ rsLoRA scaling, PiSSA/OLoRA/Gaussian initialisation and layer selection as optio
 from __future__ import annotations
 
 from peftkit.errors import PeftkitError
-from peftkit.methods import get_peft_model, peft_kwargs, register, targets
+from peftkit.methods import get_peft_model, peft_kwargs, register, targets, variant
 
 INIT = {"default": True, "gaussian": "gaussian", "pissa": "pissa", "olora": "olora"}
 
@@ -23,13 +23,22 @@ def lora_config(config, model, use_dora: bool = False):
                       task_type="CAUSAL_LM", **peft_kwargs(config, model))  # fmt: skip
 
 
-@register("lora")
-@register("qlora")  # the base's quantization comes from model.quantization (checked by the config)
 def build_lora(config, model):
     return get_peft_model(model, lora_config(config, model))
 
 
-@register("dora")
 def build_dora(config, model):
     """Weight-decomposed LoRA: a trained magnitude per output row plus a LoRA direction update."""
     return get_peft_model(model, lora_config(config, model, use_dora=True))
+
+
+# The family's methods and named variants, in the order `peftkit compare` lists them. A LoRA recipe is
+# the reference the presets are written against, so lora itself needs no settings.
+register("lora")(build_lora)
+variant("rslora", "lora", {"method.rslora": True})
+register("dora")(build_dora)
+variant("pissa", "lora", {"method.init": "pissa"})
+# LoRA+: the B matrices learn at 16x the learning rate, which is half a LoRA recipe's
+variant("lora_plus", "lora", {"method.lora_plus_ratio": 16, "train.lr": 2.5e-4})
+# LoRA on a quantized base: the base's quantization comes from model.quantization (checked by the config)
+register("qlora", {"model.quantization": "nf4"})(build_lora)

@@ -5,7 +5,8 @@ from __future__ import annotations
 from peftkit.methods import get_peft_model, peft_kwargs, register, targets
 
 
-@register("loha")
+# half a LoRA recipe's rank and alpha: the Hadamard product of two rank-8 pairs reaches rank 64
+@register("loha", {"method.r": 8, "method.alpha": 16})
 def build_loha(config, model):
     from peft import LoHaConfig
 
@@ -14,7 +15,7 @@ def build_loha(config, model):
                                             **peft_kwargs(config, model)))  # fmt: skip
 
 
-@register("lokr")
+@register("lokr", {"train.lr": 1e-3})  # twice a LoRA recipe's learning rate
 def build_lokr(config, model):
     from peft import LoKrConfig
 

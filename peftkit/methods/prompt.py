@@ -7,7 +7,8 @@ from __future__ import annotations
 from peftkit.methods import get_peft_model, register
 
 
-@register("prompt_tuning")
+# A few virtual-token embeddings carry the whole adaptation: learning rates 20-60x LoRA's
+@register("prompt_tuning", {"train.lr": 3e-2})
 def build_prompt_tuning(config, model):
     from peft import PromptTuningConfig
 
@@ -15,7 +16,7 @@ def build_prompt_tuning(config, model):
                           "method.virtual_tokens")  # fmt: skip
 
 
-@register("prefix_tuning")
+@register("prefix_tuning", {"train.lr": 1e-2})
 def build_prefix_tuning(config, model):
     from peft import PrefixTuningConfig
 
