@@ -7,7 +7,7 @@ import zipfile
 import pytest
 
 from peftkit import PeftkitError, assets
-from peftkit.corpora import iter_medline, strip_wiki, write_mmlu, write_pubmed
+from peftkit.assets.corpora import iter_medline, strip_wiki, write_mmlu, write_pubmed
 
 
 def make_wheel(path, members: dict[str, bytes]):
@@ -101,7 +101,7 @@ def test_mmlu_skips_the_repeated_header_rows(tmp_path):
 
 
 def test_bz2_is_what_wiki_reader_expects(tmp_path):
-    from peftkit.corpora import iter_wiki
+    from peftkit.assets.corpora import iter_wiki
 
     ns = "http://www.mediawiki.org/xml/export-0.10/"
     xml = (f'<mediawiki xmlns="{ns}"><page><title>A</title><ns>0</ns><revision><text>Body</text></revision></page>'

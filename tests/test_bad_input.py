@@ -118,7 +118,7 @@ def test_other_bad_sources(finished_run, tiny_config, tmp_path, capsys):
     before = snapshot(finished_run)
     csv = tmp_path / "corpus.xlsx"
     csv.write_text("text\nthe patient\n")
-    from peftkit.corpora import split_of
+    from peftkit.data.splits import split_of
 
     train_only = [d for d in (f"the patient received aspirin {i} times ." for i in range(400))
                   if split_of("text:" + d) == "train"]  # fmt: skip

@@ -125,7 +125,7 @@ def test_token_noise_is_reproducible_and_at_the_stated_rate():
 @pytest.mark.parametrize("augment", [["token_noise"], ["sentence_shuffle"]])
 def test_augmentation_changes_training_but_never_the_held_out_data(augment, tiny_config, tmp_path, monkeypatch):
     # the tiny corpus is lower-case ("... aspirin . the child ..."): let any full stop end a sentence
-    monkeypatch.setattr(data, "_SENTENCE_END", re.compile(r"(?<=\.)\s+"))
+    monkeypatch.setattr(data.augment, "_SENTENCE_END", re.compile(r"(?<=\.)\s+"))
     plain = with_changes(tiny_config, train={"max_steps": 4})
     noisy = dataclasses.replace(with_changes(plain, data={"augment": augment, "token_noise": 0.3}),
                                 output_dir=str(tmp_path / "aug"))  # fmt: skip

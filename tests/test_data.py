@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from peftkit import PeftkitError
-from peftkit.corpora import split_of
 from peftkit.data import IGNORE_INDEX, PackedRows, eval_rows, read_documents, tokenize
+from peftkit.data.splits import split_of
 from tests.conftest import build_tokenizer
 
 

@@ -155,7 +155,9 @@ def test_instruction_encodings_are_cached_with_their_labels_and_settings(tmp_pat
     monkeypatch.setenv("PEFTKIT_CACHE", str(tmp_path))
     calls = []
     real = data.encode
-    monkeypatch.setattr(data, "encode", lambda tok, docs, config: calls.append(len(docs)) or real(tok, docs, config))
+    monkeypatch.setattr(
+        data.cache, "encode", lambda tok, docs, config: calls.append(len(docs)) or real(tok, docs, config)
+    )
     rng = random.Random(0)
     config = DataConfig(format="instruction")
     docs = [json.dumps([{"role": "user", "content": f"the patient {rng.choice(['received', 'was given'])}"},

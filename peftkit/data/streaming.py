@@ -39,10 +39,10 @@ import numpy as np
 
 from peftkit import assets
 from peftkit.config import DataConfig
-from peftkit.corpora import split_of
 from peftkit.data.formats import encode, encoding_key
 from peftkit.data.packing import IGNORE_INDEX, Documents
 from peftkit.data.sources import source_documents, source_files
+from peftkit.data.splits import split_of
 from peftkit.dedup import BANDS, ROWS, fingerprint, lsh_duplicates, minhash
 from peftkit.errors import PeftkitError
 from peftkit.hashing import sha256_file

