@@ -29,8 +29,9 @@ class Callback:
     def on_step_end(self, trainer, record) -> None:
         """After every optimizer step (`record`: a StepRecord; `record.skipped` for a non-finite step)."""
 
-    def on_evaluate(self, trainer, record: dict) -> None:
-        """After a held-out evaluation, before its record is written to metrics.jsonl (`record` may be added to)."""
+    def on_evaluate(self, trainer, record) -> None:
+        """After a held-out evaluation (`record`: an EvalRecord), before it is written to metrics.jsonl; keys put
+        in `record.extra` are written with it."""
 
     def on_save(self, trainer, path: Path) -> None:
         """After checkpoint `path` was written completely."""
@@ -38,8 +39,8 @@ class Callback:
     def on_train_end(self, trainer) -> None:
         """The loop ended (max_steps, or a stop); the adapter in memory is about to be saved and evaluated."""
 
-    def on_run_end(self, trainer, report: dict) -> None:
-        """The final report is written (report.json); the same dict is what `fit()` returns."""
+    def on_run_end(self, trainer, report) -> None:
+        """The final report (a RunReport) is written to report.json; `fit()` returns it as a dict."""
 
 
 @dataclass

@@ -15,9 +15,13 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from peftkit import methods as registry
 from peftkit.errors import PeftkitError
+
+if TYPE_CHECKING:
+    from peftkit.evaluation.run_report import RunReport
 
 # Each method's overrides on top of the recipe (a LoRA recipe), in their command-line form: the presets
 # declared with the methods in peftkit/methods (compare() reads them there; this is for readers of the table).
@@ -69,29 +73,34 @@ def _merge_rows(path: Path, rows: list[dict]) -> list[dict]:
     return sorted(by_method.values(), key=lambda r: order.index(r["method"]) if r["method"] in order else len(order))
 
 
-def _row(method: str, report: dict, peak_mb: float | None, wall_s: float) -> dict:
-    qa = report.get("qa", {}).get("medical", {})
+def _row(method: str, report: RunReport | dict, peak_mb: float | None, wall_s: float) -> dict:
+    from peftkit.evaluation.run_report import TrainingSummary, as_run_report
+
+    report = as_run_report(report)
+    training = report.training or TrainingSummary()
+    qa = (report.qa or {}).get("medical")
     return {
         "method": method,
-        "trainable_params": report.get("trainable_params"),
-        "trainable_share": round(report["trainable_params"] / report["total_params"], 6)
-        if report.get("total_params") else None,
-        "tokens_per_s": round(report["tokens_per_s"], 1) if report.get("tokens_per_s") else None,
+        "trainable_params": training.trainable_params,
+        "trainable_share": _rounded(training.trainable_params / training.total_params, 6)
+        if training.total_params
+        else None,
+        "tokens_per_s": _rounded(training.tokens_per_s or None, 1),
         "peak_rss_mb": peak_mb,
-        "domain_ppl_base": round(report["base"]["domain_ppl"], 2),
-        "domain_ppl": round(report["tuned"]["domain_ppl"], 2),
-        "general_ppl_base": _rounded(report["base"].get("general_ppl")),  # absent without data.general_source
-        "general_ppl": _rounded(report["tuned"].get("general_ppl")),
-        "general_kl": round(report["general_kl"], 4) if report.get("general_kl") is not None else None,
-        "medical_qa_base": qa.get("base_accuracy"),
-        "medical_qa": qa.get("tuned_accuracy"),
-        "verdict": report["verdict"]["recommend"],
+        "domain_ppl_base": _rounded(report.base.domain_ppl),
+        "domain_ppl": _rounded(report.tuned.domain_ppl),
+        "general_ppl_base": _rounded(report.base.general_ppl),  # absent without data.general_source
+        "general_ppl": _rounded(report.tuned.general_ppl),
+        "general_kl": _rounded(report.general_kl, 4),
+        "medical_qa_base": qa.base_accuracy if qa else None,
+        "medical_qa": qa.tuned_accuracy if qa else None,
+        "verdict": report.verdict.recommend,
         "wall_s": round(wall_s, 1),
-    }  # fmt: skip
+    }
 
 
-def _rounded(value: float | None) -> float | None:
-    return round(value, 2) if value is not None else None
+def _rounded(value: float | None, digits: int = 2) -> float | None:
+    return round(value, digits) if value is not None else None
 
 
 def format_table(rows: list[dict]) -> str:

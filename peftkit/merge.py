@@ -169,9 +169,12 @@ def model_card(run_dir: Path, config: Config, check: dict) -> str:
     ]
     report_path = run_dir / "report.json"
     if report_path.exists():
-        report = json.loads(report_path.read_text())
+        from peftkit.evaluation.run_report import RunReport
+
+        report = RunReport.load(report_path)
+        tuned = report.tuned.to_json()
         lines += ["", "| held-out metric | base | tuned |", "|---|---|---|"]
-        lines += [f"| {key} | {value:.2f} | {report['tuned'][key]:.2f} |" for key, value in report["base"].items()]
-        if "verdict" in report:
-            lines += ["", f"Verdict: {report['verdict']['summary']}."]
+        lines += [f"| {key} | {value:.2f} | {tuned[key]:.2f} |" for key, value in report.base.to_json().items()]
+        if report.verdict:
+            lines += ["", f"Verdict: {report.verdict.summary}."]
     return "\n".join(lines) + "\n"

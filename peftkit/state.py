@@ -11,6 +11,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
+from peftkit.evaluation.run_report import EvalRecord
+
 
 @dataclass
 class TrainState:
@@ -30,11 +32,16 @@ class TrainState:
     """Steps skipped for a non-finite loss or gradient (the run stops past train.max_bad_steps)."""
     recent_losses: list[float] = field(default_factory=list)
     """Training losses since the last evaluation: their mean is the evaluation's train_loss."""
-    baseline: dict | None = None
-    """The step-0 evaluation record (the base model): the reference for the forgetting budget."""
+    baseline: EvalRecord | None = None
+    """The step-0 evaluation (the base model): the reference for the forgetting budget."""
 
     def to_json(self) -> dict:
-        return dataclasses.asdict(self)
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        return {
+            **fields,
+            "recent_losses": list(self.recent_losses),
+            "baseline": self.baseline and self.baseline.to_json(),
+        }
 
     @classmethod
     def from_json(cls, record: dict) -> TrainState:
@@ -43,7 +50,8 @@ class TrainState:
         unknown = sorted(set(record) - known)
         if unknown:
             raise ValueError(f"unknown trainer state keys {unknown}")
-        return cls(**record)
+        baseline = record.get("baseline")
+        return cls(**{**record, "baseline": baseline and EvalRecord.from_json(baseline)})
 
 
 @dataclass

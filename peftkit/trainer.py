@@ -30,10 +30,12 @@ from peftkit.callbacks import CallbackList, Control
 from peftkit.config import Config
 from peftkit.data.training import TrainingData, build_training_data
 from peftkit.errors import PeftkitError
-from peftkit.evaluation import forgetting, format_report, nll, verdict
+from peftkit.evaluation import forgetting, format_report, nll
 from peftkit.evaluation.final import final_evaluation, held_out_comparison
 from peftkit.evaluation.guard import OverfittingGuard
 from peftkit.evaluation.render import write_report_files
+from peftkit.evaluation.run_report import EvalRecord, RunReport, TrainingSummary
+from peftkit.evaluation.verdict_rules import decide
 from peftkit.loss import setup_training_forward
 from peftkit.manifest import write_manifest
 from peftkit.rundir import check_run_dir, reset_run_dir, truncate_metrics
@@ -73,7 +75,7 @@ class Trainer:
         self.global_batch = 0  # rows per optimizer step, all processes and micro-batches together
         self.initial_adapter = self.run_dir / "initial_adapter"  # PiSSA/OLoRA's start, for their conversion
         self.in_update = False  # inside an optimizer update: an interrupt there is not checkpointed
-        self.report: dict | None = None
+        self.report: RunReport | None = None
 
     def log(self, message: str) -> None:
         main = self.accelerator.is_main_process if self.accelerator else os.environ.get("RANK", "0") == "0"
@@ -263,7 +265,7 @@ class Trainer:
                 "Lower train.lr or check the data"
             )
 
-    def validate(self) -> dict:
+    def validate(self) -> EvalRecord:
         """Held-out losses at the current step: validation and general text, KL from the base model's
         answers and the train/validation gap. The guard marks the record before it is logged."""
         self._require_setup("validate")
@@ -272,11 +274,11 @@ class Trainer:
         self.control.evaluate = False
         self.state.recent_losses = []
         self.callbacks.call("on_evaluate", self, record)
-        self._log_metrics(record)
+        self._log_metrics(record.to_json())
         self.log(_evaluation_message(record))
         return record
 
-    def _held_out_record(self) -> dict:
+    def _held_out_record(self) -> EvalRecord:
         ev, acc, recent = self.config.eval, self.accelerator, self.state.recent_losses
         record = {"step": self.state.step}
         if recent:
@@ -290,7 +292,7 @@ class Trainer:
             record["general_kl"] = forgetting.kl_from_base(acc.unwrap_model(self.model), self.answers, acc)
         if recent:
             record["gap"] = record["val_loss"] - record["train_loss"]
-        return record
+        return EvalRecord.from_json(record)
 
     def save_checkpoint(self) -> Path:
         """Checkpoint the current step (every process calls this; written atomically)."""
@@ -329,7 +331,8 @@ class Trainer:
     # --- the end -----------------------------------------------------------------------------------
 
     def finish(self) -> dict:
-        """Save the kept adapter, compare it with the base model, and write the report."""
+        """Save the kept adapter, compare it with the base model, and write the report (`self.report`, a
+        RunReport; returned as the dict report.json holds)."""
         self._require_setup("finish")
         cfg, acc, state = self.config, self.accelerator, self.state
         self.callbacks.call("on_train_end", self)  # the guard restores the best checkpoint
@@ -337,10 +340,10 @@ class Trainer:
         report = final_evaluation(
             cfg, self.model, self.tokenizer, acc, self.data, self.run_dir, state.best_step, self.answers, self.log
         )
-        report.update(self._summary())
-        report["verdict"] = verdict(report, cfg.eval)
+        report.training = self._summary()
+        report.verdict = decide(report, cfg.eval)
         if acc.is_main_process:
-            (self.run_dir / "report.json").write_text(json.dumps(report, indent=2))
+            report.save(self.run_dir / "report.json")
             write_report_files(self.run_dir)
             self.log(format_report(report))
             self.log(f"adapter: {self.run_dir / 'adapter'}   report: {self.run_dir / 'report.html'}")
@@ -349,7 +352,7 @@ class Trainer:
         for tracker in acc.trackers:  # flush and close; not end_training(), which also ends the process group
             tracker.finish()
         acc.wait_for_everyone()
-        return report
+        return report.to_json()
 
     def _save_adapter(self) -> None:
         """RUN_DIR/adapter in plain PEFT format; PiSSA/OLoRA's is converted to LoRA on the original base."""
@@ -367,26 +370,26 @@ class Trainer:
             base = models.load_model(self.config.model, log=self.log)
             self.model = PeftModel.from_pretrained(base, self.run_dir / "adapter").to(acc.device)
 
-    def _summary(self) -> dict:
+    def _summary(self) -> TrainingSummary:
         """The training side of the report."""
         state, reason = self.state, self.control.stop_reason
-        return {
-            "best_step": state.best_step,
-            "adapter_step": state.best_step or state.step,
-            "final_step": state.step,
-            "stopped_early": reason is not None,
-            "stop_reason": reason or "reached train.max_steps",
-            "train_tokens": state.train_tokens,
-            "best_val_loss": state.best_val_loss,
-            "processes": self.accelerator.num_processes,
-            "global_batch_rows": self.global_batch,
-            "baseline": state.baseline,
-            "method": self.config.method.name,
+        return TrainingSummary(
+            best_step=state.best_step,
+            adapter_step=state.best_step or state.step,
+            final_step=state.step,
+            stopped_early=reason is not None,
+            stop_reason=reason or "reached train.max_steps",
+            train_tokens=state.train_tokens,
+            best_val_loss=state.best_val_loss,
+            processes=self.accelerator.num_processes,
+            global_batch_rows=self.global_batch,
+            baseline=state.baseline,
+            method=self.config.method.name,
             **self.param_counts,
-            "tokens_per_s": self.timer.tokens_per_s,
-            "compiled": self.compiled,
-            "first_step_s": self.timer.first_step_s,
-        }
+            tokens_per_s=self.timer.tokens_per_s,
+            compiled=self.compiled,
+            first_step_s=self.timer.first_step_s,
+        )
 
     def evaluate(self, model=None) -> dict:
         """Base vs tuned perplexity on the test rows, the prompted baseline and KL from the base, now."""
@@ -404,15 +407,15 @@ class Trainer:
             )
 
 
-def _evaluation_message(record: dict) -> str:
-    message = f"step {record['step']}: val loss {record['val_loss']:.4f} (ppl {record['val_ppl']:.2f})"
-    if "general_ppl" in record:
-        message += f", general ppl {record['general_ppl']:.2f}"
-    if "general_kl" in record:
-        message += f", general KL {record['general_kl']:.4f}"
-    if "train_loss" in record:
-        message += f", train loss {record['train_loss']:.4f}, gap {record['gap']:+.4f}"
-    return message + ("" if record.get("within_budget", True) else "  [beyond the forgetting budget]")
+def _evaluation_message(record: EvalRecord) -> str:
+    message = f"step {record.step}: val loss {record.val_loss:.4f} (ppl {record.val_ppl:.2f})"
+    if record.general_ppl is not None:
+        message += f", general ppl {record.general_ppl:.2f}"
+    if record.general_kl is not None:
+        message += f", general KL {record.general_kl:.4f}"
+    if record.train_loss is not None:
+        message += f", train loss {record.train_loss:.4f}, gap {record.gap:+.4f}"
+    return message + ("  [beyond the forgetting budget]" if record.within_budget is False else "")
 
 
 def _flat(config: dict, prefix: str = "") -> dict:

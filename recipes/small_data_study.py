@@ -44,28 +44,32 @@ def config() -> Config:
 
 def study(base: Config, log=print) -> list[dict]:
     from peftkit import Trainer
+    from peftkit.evaluation.run_report import as_run_report
 
     out, rows = Path(base.output_dir), []
     for size in SIZES:
         row = {"train_docs": size}
         for name, changes in VARIANTS.items():
             cell = dataclasses.replace(
-                base, data=dataclasses.replace(base.data, max_train_docs=size, **changes),
-                output_dir=str(out / f"{size}-{name}"), train=dataclasses.replace(base.train, overwrite=True),
-            )  # fmt: skip
+                base,
+                data=dataclasses.replace(base.data, max_train_docs=size, **changes),
+                output_dir=str(out / f"{size}-{name}"),
+                train=dataclasses.replace(base.train, overwrite=True),
+            )
             log(f"--- {size} documents, {name}")
-            report = Trainer(cell, log=lambda _: None).fit()
+            report = as_run_report(Trainer(cell, log=lambda _: None).fit())
+            qa = (report.qa or {}).get("medical")
             if name == "lora":  # the baselines do not depend on the variant: take them once per size
-                row["base"] = report["base"]["domain_ppl"]
-                row["base_prompted"] = report.get("base_prompted", {}).get("domain_ppl")
-                qa = report.get("qa", {}).get("medical", {})
-                row["qa_base"], row["qa_base_kshot"] = qa.get("base_accuracy"), qa.get("kshot_base_accuracy")
-                row["general_base"] = report["base"].get("general_ppl")
-            row[name] = report["tuned"]["domain_ppl"]
-            row[f"{name}_general"] = report["tuned"].get("general_ppl")
-            row[f"{name}_qa"] = report.get("qa", {}).get("medical", {}).get("tuned_accuracy")
-            row[f"{name}_recommend"] = report["verdict"]["recommend"]
-            row[f"{name}_stopped_at"] = report["adapter_step"]
+                row["base"] = report.base.domain_ppl
+                row["base_prompted"] = report.base_prompted.domain_ppl if report.base_prompted else None
+                row["qa_base"] = qa.base_accuracy if qa else None
+                row["qa_base_kshot"] = qa.kshot_base_accuracy if qa else None
+                row["general_base"] = report.base.general_ppl
+            row[name] = report.tuned.domain_ppl
+            row[f"{name}_general"] = report.tuned.general_ppl
+            row[f"{name}_qa"] = qa.tuned_accuracy if qa else None
+            row[f"{name}_recommend"] = report.verdict.recommend
+            row[f"{name}_stopped_at"] = report.training.adapter_step
         rows.append(row)
         (out / "study.json").write_text(json.dumps(rows, indent=2))
     (out / "study.md").write_text(format_study(rows) + "\n")
@@ -78,10 +82,13 @@ def format_study(rows: list[dict]) -> str:
         qa = row.get(f"{name}_qa")
         return f"{row[name]:.2f}" + (f" / {qa:.0%}" if qa is not None else "")
 
-    lines = ["Domain test perplexity / medical QA accuracy (lower / higher is better); general-text perplexity "
-             "in brackets for the tuned runs; the verdict's choice per run.", "",
-             "| train docs | base | base prompted / k-shot | LoRA | LoRA + augment | LoRA + replay |",
-             "|---:|---|---|---|---|---|"]  # fmt: skip
+    lines = [
+        "Domain test perplexity / medical QA accuracy (lower / higher is better); general-text perplexity "
+        "in brackets for the tuned runs; the verdict's choice per run.",
+        "",
+        "| train docs | base | base prompted / k-shot | LoRA | LoRA + augment | LoRA + replay |",
+        "|---:|---|---|---|---|---|",
+    ]
     for row in rows:
         base = f"{row['base']:.2f}" + (f" / {row['qa_base']:.0%}" if row.get("qa_base") is not None else "")
         prompted = "-"

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from peftkit import Callback, Trainer
+from peftkit.evaluation.run_report import EvalRecord
 from peftkit.state import TrainState
 
 
@@ -23,7 +24,7 @@ class Recorder(Callback):
 
     def on_evaluate(self, trainer, record):
         # the guard runs first: its marks are on the record already
-        self.calls.append(("evaluate", record["step"], "within_budget" in record, trainer.state.best_step))
+        self.calls.append(("evaluate", record.step, record.within_budget is not None, trainer.state.best_step))
 
     def on_save(self, trainer, path):
         assert (Path(path) / "manifest.json").exists()
@@ -33,7 +34,7 @@ class Recorder(Callback):
         self.calls.append(("train_end", trainer.state.step))
 
     def on_run_end(self, trainer, report):
-        self.calls.append(("run_end", report["final_step"]))
+        self.calls.append(("run_end", report.training.final_step))
 
 
 def test_hooks_run_in_order_and_see_the_guards_marks(tiny_config):
@@ -75,7 +76,7 @@ def test_train_state_round_trips_through_json_and_refuses_unknown_keys():
         evals_since_best=1,
         bad_steps=1,
         recent_losses=[2.0, 1.5],
-        baseline={"step": 0, "val_loss": 3.0},
+        baseline=EvalRecord(step=0, val_loss=3.0, val_ppl=20.1),
     )
     assert TrainState.from_json(json.loads(json.dumps(state.to_json()))) == state
     with pytest.raises(ValueError, match="unknown trainer state keys"):

@@ -50,7 +50,7 @@ def test_peftkit_eval_reproduces_the_trainers_report_with_max_train_docs(tiny_co
     spoiled["general_kl"] = -1.0
     spoiled["qa"] = {}
     spoiled["diagnostics"] = {}
-    spoiled["verdict"] = {}
+    spoiled["verdict"] = {"helped": None, "recommend": "-", "summary": "-", "options": {}, "reasons": []}
     path.write_text(json.dumps(spoiled))
 
     main(["--quiet", "eval", str(tmp_path / "run")])

@@ -14,6 +14,7 @@ import statistics
 from pathlib import Path
 
 from peftkit.config import Config
+from peftkit.evaluation.run_report import as_run_report
 
 
 def cross_validate(config: Config, folds: int, log=print) -> dict:
@@ -25,14 +26,17 @@ def cross_validate(config: Config, folds: int, log=print) -> dict:
         log(f"fold {fold + 1} of {folds}")
         data = dataclasses.replace(config.data, folds=folds, fold=fold)
         fold_config = dataclasses.replace(config, data=data, output_dir=str(base / f"fold-{fold}"))
-        report = Trainer(fold_config, log=log).fit()
-        results.append({
-            "fold": fold,
-            "val_ppl": math.exp(report["best_val_loss"]) if report["best_val_loss"] is not None else None,
-            "best_step": report["best_step"],
-            "tuned_domain_test_ppl": report["tuned"]["domain_ppl"],
-            "base_domain_test_ppl": report["base"]["domain_ppl"],
-        })  # fmt: skip
+        report = as_run_report(Trainer(fold_config, log=log).fit())
+        best_val_loss = report.training.best_val_loss
+        results.append(
+            {
+                "fold": fold,
+                "val_ppl": math.exp(best_val_loss) if best_val_loss is not None else None,
+                "best_step": report.training.best_step,
+                "tuned_domain_test_ppl": report.tuned.domain_ppl,
+                "base_domain_test_ppl": report.base.domain_ppl,
+            }
+        )
     values = [r["val_ppl"] for r in results if r["val_ppl"] is not None]
     summary = {
         "folds": folds,
@@ -49,8 +53,10 @@ def format_cv(summary: dict) -> str:
     lines = [f"{'fold':>4}  {'val ppl':>9}  {'best step':>9}  {'test ppl (tuned / base)':>24}"]
     for r in summary["per_fold"]:
         val = f"{r['val_ppl']:.2f}" if r["val_ppl"] is not None else "n/a"
-        lines.append(f"{r['fold']:>4}  {val:>9}  {r['best_step']!s:>9}  "
-                     f"{r['tuned_domain_test_ppl']:>11.2f} / {r['base_domain_test_ppl']:.2f}")  # fmt: skip
+        lines.append(
+            f"{r['fold']:>4}  {val:>9}  {r['best_step']!s:>9}  "
+            f"{r['tuned_domain_test_ppl']:>11.2f} / {r['base_domain_test_ppl']:.2f}"
+        )
     if summary["val_ppl_mean"] is not None:
         spread = f" ± {summary['val_ppl_std']:.2f} (std)" if summary["val_ppl_std"] is not None else ""
         lines.append(f"validation perplexity over {summary['folds']} folds: {summary['val_ppl_mean']:.2f}{spread}")

@@ -9,7 +9,6 @@ report.json is reproduced by `peftkit eval` to the last digit.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from peftkit import assets, data
@@ -18,6 +17,8 @@ from peftkit.evaluation import forgetting, qa
 from peftkit.evaluation.memorization import memorization
 from peftkit.evaluation.render import read_metrics
 from peftkit.evaluation.report import compare_base_and_tuned, domain_prompt, prompted_baseline, test_sets, underfitting
+from peftkit.evaluation.run_report import RunReport
+from peftkit.evaluation.verdict_rules import decide
 
 
 def held_out_comparison(config, model, tokenizer, accelerator, train_texts: list[str], answers=None) -> dict:
@@ -35,16 +36,17 @@ def held_out_comparison(config, model, tokenizer, accelerator, train_texts: list
 
 def final_evaluation(
     config, model, tokenizer, accelerator, training, run_dir: Path, best_step: int | None, answers=None, log=print
-) -> dict:
-    """Everything the report says about the tuned model (`training`: a TrainingData, or any object with
-    `documents`, `texts` and `val_docs`); QA and diagnostics are computed on the main process only."""
+) -> RunReport:
+    """Everything the report says about the tuned model, its training side and verdict left to the caller
+    (`training`: a TrainingData, or any object with `documents`, `texts` and `val_docs`); QA and diagnostics
+    are computed on the main process only."""
     report = held_out_comparison(config, model, tokenizer, accelerator, training.texts, answers)
     if accelerator.is_main_process:  # diagnostics need no other process; generation runs on one
         if config.eval.qa_questions:
             report["qa"] = _qa(config, model, tokenizer, accelerator, log)
         if config.eval.diagnostics:
             report["diagnostics"] = _diagnostics(config, model, tokenizer, training, run_dir, best_step)
-    return report
+    return RunReport.from_json(report)
 
 
 def _qa(config, model, tokenizer, accelerator, log) -> dict:
@@ -113,7 +115,6 @@ def evaluate_run(run_dir: Path, log=lambda _: None) -> dict:
     from peftkit.config import Config
     from peftkit.errors import PeftkitError
     from peftkit.evaluation.render import write_report_files
-    from peftkit.evaluation.report import verdict
 
     run_dir = Path(run_dir)
     if not (run_dir / "adapter" / "adapter_config.json").exists():
@@ -128,14 +129,13 @@ def evaluate_run(run_dir: Path, log=lambda _: None) -> dict:
     answers = forgetting.base_answers(base, tokenizer, accelerator) if config.eval.kl_prompts else None
     model = PeftModel.from_pretrained(base, run_dir / "adapter").to(accelerator.device)
     path = run_dir / "report.json"
-    previous = json.loads(path.read_text()) if path.exists() else {}
+    summary = RunReport.load(path).training if path.exists() else None  # the training side is kept as it was
     with runtime.eager():
         training = _RunData(config, tokenizer, log)
-        report = final_evaluation(
-            config, model, tokenizer, accelerator, training, run_dir, previous.get("best_step"), answers, log
-        )
-    previous.update(report)
-    previous["verdict"] = verdict(previous, config.eval)
-    path.write_text(json.dumps(previous, indent=2))
+        best_step = summary.best_step if summary else None
+        report = final_evaluation(config, model, tokenizer, accelerator, training, run_dir, best_step, answers, log)
+    report.training = summary
+    report.verdict = decide(report, config.eval)
+    report.save(path)
     write_report_files(run_dir)
-    return previous
+    return report.to_json()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from peftkit import checkpoint
 from peftkit.callbacks import Callback
+from peftkit.evaluation.run_report import EvalRecord
 
 
 class OverfittingGuard(Callback):
@@ -32,29 +33,29 @@ class OverfittingGuard(Callback):
         if not record.skipped and (record.step % self.ev.every_steps == 0 or record.step == self.max_steps):
             trainer.control.evaluate = True
 
-    def within_budget(self, record: dict, baseline: dict) -> bool:
+    def within_budget(self, record: EvalRecord, baseline: EvalRecord) -> bool:
         """Is this evaluation within the forgetting budgets, measured against the base model (step 0)?"""
         ppl_budget, kl_budget = self.ev.max_general_ppl_increase, self.ev.max_general_kl
         ppl_over = (
             ppl_budget is not None
-            and "general_ppl" in record
-            and record["general_ppl"] > baseline["general_ppl"] * (1 + ppl_budget)
+            and record.general_ppl is not None
+            and record.general_ppl > baseline.general_ppl * (1 + ppl_budget)
         )
-        kl_over = kl_budget is not None and record.get("general_kl", 0.0) > kl_budget
+        kl_over = kl_budget is not None and (record.general_kl or 0.0) > kl_budget
         return not (ppl_over or kl_over)
 
-    def on_evaluate(self, trainer, record: dict) -> None:
-        state, step = trainer.state, record["step"]
+    def on_evaluate(self, trainer, record: EvalRecord) -> None:
+        state, step = trainer.state, record.step
         if step == 0:  # the base model (LoRA starts as the identity): the reference for budgets and curves
             state.baseline = record
             return
-        record["within_budget"] = self.within_budget(record, state.baseline)
+        record.within_budget = self.within_budget(record, state.baseline)
         best = state.best_val_loss
-        if record["within_budget"] and (best is None or record["val_loss"] < best - self.ev.min_delta):
-            state.best_step, state.best_val_loss, state.evals_since_best = step, record["val_loss"], 0
+        if record.within_budget and (best is None or record.val_loss < best - self.ev.min_delta):
+            state.best_step, state.best_val_loss, state.evals_since_best = step, record.val_loss, 0
         else:
             state.evals_since_best += 1
-        record["best_step"] = state.best_step
+        record.best_step = state.best_step
         if self.ev.patience and state.evals_since_best >= self.ev.patience:
             trainer.control.stop(
                 f"validation loss did not improve by more than {self.ev.min_delta} (within the forgetting budget) "
