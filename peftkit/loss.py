@@ -116,6 +116,40 @@ def chunked_matches(model, input_ids: torch.Tensor, labels: torch.Tensor, **kwar
     return _verified[key]
 
 
+_separates: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # base model -> position ids keep documents apart
+
+
+def documents_kept_apart(model) -> bool:
+    """Do position ids that restart at each document keep packed documents from attending to each other?
+
+    transformers turns restarting positions into a block-diagonal causal mask for most families (with no
+    cache); others (ALiBi models such as Bloom, Falcon) ignore them or only shift the rotary phase, and then
+    a packed row's second document would read the first with wrong positions. Checked once per model on a
+    fixed two-document probe (no random numbers drawn): the second document's logits, packed behind the first
+    with restarting positions, must be far closer to its logits alone than when it plainly reads the first
+    (a scale-free test, so bf16 rounding does not decide it)."""
+    from peftkit.methods import is_prompt_learning
+
+    if is_prompt_learning(getattr(model, "module", model)):
+        return False
+    key = _base(model)
+    if key not in _separates:
+        vocab = key.get_input_embeddings().num_embeddings
+        first = torch.arange(8).unsqueeze(0) * 5 % vocab
+        second = (torch.arange(8).unsqueeze(0) * 7 + 3) % vocab
+        device = next(key.parameters()).device
+        row, positions = torch.cat([first, second], 1).to(device), torch.arange(8).repeat(1, 2).to(device)
+        was_training = key.training
+        key.eval()
+        with torch.no_grad():
+            alone = key(input_ids=second.to(device), use_cache=False).logits.float()
+            packed = key(input_ids=row, position_ids=positions, use_cache=False).logits[:, 8:].float()
+            plain = key(input_ids=row, use_cache=False).logits[:, 8:].float()
+        key.train(was_training)
+        _separates[key] = bool((packed - alone).abs().max() < 0.1 * (plain - alone).abs().max())
+    return _separates[key]
+
+
 class TrainingForward(nn.Module):
     """input_ids, labels -> mean next-token loss over the labelled positions of the batch.
 

@@ -36,7 +36,7 @@ from peftkit.evaluation.guard import OverfittingGuard
 from peftkit.evaluation.render import write_report_files
 from peftkit.evaluation.run_report import EvalRecord, RunReport, TrainingSummary
 from peftkit.evaluation.verdict_rules import decide
-from peftkit.loss import setup_training_forward
+from peftkit.loss import documents_kept_apart, setup_training_forward
 from peftkit.manifest import write_manifest
 from peftkit.rundir import check_run_dir, reset_run_dir, truncate_metrics
 from peftkit.state import StepRecord, StepTimer, TrainState
@@ -130,6 +130,12 @@ class Trainer:
     def _setup_data(self) -> None:
         cfg, acc = self.config, self.accelerator
         separate = cfg.data.separate_documents and not methods.is_prompt_learning(self.model)
+        if separate and not documents_kept_apart(self.model):
+            separate = False
+            self.log(
+                "data.separate_documents: this model does not keep packed documents apart through position ids "
+                f"({self.model.config.model_type}); its rows use plain causal attention across documents"
+            )
         self.data = build_training_data(cfg, self.tokenizer, acc, separate, log=self.log)
         stream, world, batch, accum = self.data.stream, acc.num_processes, cfg.train.batch_size, cfg.train.grad_accum
         self.global_batch = batch * accum * world

@@ -171,3 +171,33 @@ def test_every_method_family_trains_on_the_default_bf16_path(case, tiny_config, 
     config = dataclasses.replace(config, model=dataclasses.replace(config.model, dtype="bf16"))
     report = Trainer(with_train(config, mixed_precision="bf16", max_steps=4), log=lambda _: None).fit()
     assert report["tuned"]["domain_ppl"] < report["base"]["domain_ppl"], report
+
+
+def test_document_separation_falls_back_with_one_line_where_positions_do_not_separate(tiny_config, tmp_path):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from tests.conftest import build_tokenizer
+
+    tokenizer = build_tokenizer()
+    sizes = dict(vocab_size=len(tokenizer), hidden_size=64, num_hidden_layers=2, num_attention_heads=4)
+    torch.manual_seed(0)
+    llama = AutoModelForCausalLM.from_config(AutoConfig.for_model("llama", intermediate_size=128, **sizes))
+    bloom = AutoModelForCausalLM.from_config(AutoConfig.for_model("bloom", **sizes))  # ALiBi: no position ids
+    assert loss.documents_kept_apart(llama) and not loss.documents_kept_apart(bloom)
+    bloom.config.eos_token_id, bloom.config.pad_token_id = tokenizer.eos_token_id, tokenizer.pad_token_id
+    bloom.save_pretrained(tmp_path / "bloom")
+    tokenizer.save_pretrained(tmp_path / "bloom")
+    config = dataclasses.replace(
+        tiny_config,
+        model=dataclasses.replace(tiny_config.model, name_or_path=str(tmp_path / "bloom")),
+        method=dataclasses.replace(tiny_config.method, target_modules=["query_key_value"]),
+        train=dataclasses.replace(tiny_config.train, max_steps=2),
+    )
+    logs = []
+    trainer = Trainer(config, log=logs.append)
+    trainer.fit()
+    assert [line for line in logs if line.startswith("data.separate_documents:")] == [
+        "data.separate_documents: this model does not keep packed documents apart through position ids (bloom); "
+        "its rows use plain causal attention across documents"
+    ]
+    assert trainer.data.batch(0, 0, 0, 1, 2, 1).position_ids is None
