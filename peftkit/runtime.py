@@ -57,12 +57,22 @@ def compile_layers(model: nn.Module, cache_dir) -> int:
     from peftkit.loss import decoder_and_head
 
     decoder = decoder_and_head(model)
-    layers = getattr(decoder[0], "layers", None) if decoder else None
-    if not isinstance(layers, nn.ModuleList):
+    layers = decoder_layers(decoder[0]) if decoder else None
+    if layers is None:
         return 0
     for layer in layers:
         layer.compile()
     return len(layers)
+
+
+def decoder_layers(decoder: nn.Module) -> nn.ModuleList | None:
+    """The decoder's list of blocks: `layers` (Llama and most families), `h` (GPT-2, Falcon, Bloom), `blocks`, or
+    else the one module list directly under the decoder; None where there is none."""
+    lists = {name: child for name, child in decoder.named_children() if isinstance(child, nn.ModuleList)}
+    for name in ("layers", "h", "blocks"):
+        if name in lists:
+            return lists[name]
+    return next(iter(lists.values())) if len(lists) == 1 else None
 
 
 @contextmanager

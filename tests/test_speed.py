@@ -201,3 +201,24 @@ def test_document_separation_falls_back_with_one_line_where_positions_do_not_sep
         "its rows use plain causal attention across documents"
     ]
     assert trainer.data.batch(0, 0, 0, 1, 2, 1).position_ids is None
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "gpt_neox", "falcon", "phi3", "qwen2_moe"])
+def test_regional_compilation_finds_the_decoder_blocks_of_each_family(family):
+    from transformers import AutoConfig
+
+    sizes = dict(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=1,
+    )
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(family, **sizes))
+    decoder, _ = loss.decoder_and_head(model)
+    blocks = runtime.decoder_layers(decoder)
+    assert blocks is not None and len(blocks) == 3
