@@ -160,8 +160,10 @@ class MethodConfig:
     alpha: float = _f(32.0, "scaling numerator (scale = alpha / r; alpha / sqrt(r) with rslora)")
     dropout: float = _f(0.0, "dropout on the adapter input (LoRA family, LoHa/LoKr module dropout)")
     target_modules: list[str] = _f(
-        ["q_proj", "k_proj", "v_proj", "o_proj"],
-        "module names to adapt (comma-separated on the command line), or ['all-linear']",
+        ["attention"],
+        "what to adapt, comma-separated on the command line: attention (each block's attention projections, "
+        "fused or not), mlp, experts (MoE expert weights), all-linear, module names or suffixes (q_proj, "
+        "attn.c_proj) or re:REGEX over module names; see docs/models.md",
     )
     layers: list[int] = _f([], "adapt only these block indices (peft layers_to_transform); empty = all blocks")
     rslora: bool = _f(False, "rank-stabilised LoRA: scale alpha / sqrt(r) instead of alpha / r")
@@ -187,6 +189,12 @@ class MethodConfig:
             _require(getattr(self, key) > 0, f"method.{key}", f"must be positive, got {getattr(self, key)}")
         _require(0 <= self.dropout < 1, "method.dropout", f"must be in [0, 1), got {self.dropout}")
         _require(bool(self.target_modules), "method.target_modules", "must name at least one module")
+        for entry in self.target_modules:
+            if entry.startswith("re:"):
+                try:
+                    re.compile(entry[3:])
+                except re.error as err:
+                    _require(False, "method.target_modules", f"{entry!r} is not a valid regular expression ({err})")
         _require(all(i >= 0 for i in self.layers), "method.layers", f"block indices must be >= 0, got {self.layers}")
         _require(self.lora_plus_ratio == 0 or self.lora_plus_ratio >= 1, "method.lora_plus_ratio",
                  f"must be 0 (off) or >= 1 (B learns faster than A), got {self.lora_plus_ratio}")  # fmt: skip
@@ -200,7 +208,13 @@ class MethodConfig:
 
 @dataclass
 class TrainConfig:
-    max_steps: int = _f(100, "optimizer steps to train")
+    max_steps: int = _f(100, "optimizer steps to train (unless train.time_budget is set)")
+    time_budget: str = _f(
+        "",
+        "train for this long instead of train.max_steps, e.g. '90s', '10m', '1.5h': the steady step time is "
+        "measured (the first step, with compilation, and evaluations do not count), the step count that fits is "
+        "fixed, and the learning-rate schedule runs to it",
+    )
     batch_size: int = _f(8, "packed rows per process per micro-batch")
     grad_accum: int = _f(1, "micro-batches accumulated into one optimizer step")
     lr: float = _f(2e-4, "peak learning rate")
@@ -242,6 +256,11 @@ class TrainConfig:
             value = getattr(self, key)
             _require(value > 0, f"train.{key}", f"must be positive, got {value}")
         _require(self.lr > 0, "train.lr", f"must be positive, got {self.lr}")
+        _require(
+            not self.time_budget or self.time_budget_s is not None,
+            "train.time_budget",
+            f"must be a duration such as '90s', '10m' or '1.5h', got {self.time_budget!r}",
+        )
         _require(self.warmup_steps >= 0, "train.warmup_steps", "must be >= 0")
         _require(self.max_grad_norm >= 0, "train.max_grad_norm", "must be >= 0")
         _require(self.keep_checkpoints >= 1, "train.keep_checkpoints", "must be at least 1")
@@ -251,6 +270,13 @@ class TrainConfig:
             "train.resume",
             "cannot be combined with train.overwrite=true; choose one",
         )
+
+    @property
+    def time_budget_s(self) -> float | None:
+        """train.time_budget in seconds (None when unset or not a positive duration)."""
+        match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smh]?)\s*", self.time_budget)
+        seconds = float(match.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600}[match.group(2)] if match else 0
+        return seconds or None
 
 
 @dataclass
@@ -288,10 +314,17 @@ class EvalConfig:
     )
     kl_prompts: bool = _f(True, "measure KL from the base model on a fixed set of general prompts at each evaluation")
     qa_source: str = _f("asset:mmlu", "multiple-choice questions (JSONL: subject, question, choices, answer)")
-    qa_questions: int = _f(0, "questions per group (medical, general) scored base vs tuned at the end; 0 = skip")
+    qa_questions: int | str = _f(
+        0,
+        "questions per group (medical, general) scored base vs tuned at the end; 0 = skip; 'all' = every question "
+        "of the medical MMLU subjects (1,089) and as many of the others (see docs/guard.md for its cost)",
+        choices=("all",),
+    )
     diagnostics: bool = _f(True, "memorisation and train/held-out leakage checks in the final report")
     min_domain_gain: float = _f(
-        0.01, "relative drop in domain test perplexity the tuned model must reach for the verdict 'helped'"
+        0.05,
+        "relative drop in domain test perplexity the tuned model must reach for the verdict 'helped' (besides an "
+        "interval below 0); why 5%: docs/guard.md",
     )
 
     def __post_init__(self):
@@ -307,7 +340,11 @@ class EvalConfig:
         )
         _require(0 <= self.min_domain_gain < 1, "eval.min_domain_gain", "must be in [0, 1)")
         _require(self.max_general_kl is None or self.max_general_kl >= 0, "eval.max_general_kl", "must be >= 0 or null")
-        _require(self.qa_questions >= 0, "eval.qa_questions", "must be >= 0")
+        _require(
+            self.qa_questions == "all" or (isinstance(self.qa_questions, int) and self.qa_questions >= 0),
+            "eval.qa_questions",
+            f"must be a number of questions >= 0 or 'all', got {self.qa_questions!r}",
+        )
         _require(self.kshot >= 0, "eval.kshot", "must be >= 0")
         _require(self.prompt_tokens >= 0, "eval.prompt_tokens", "must be >= 0")
         _require(self.underfit_slope > 0, "eval.underfit_slope", "must be > 0")

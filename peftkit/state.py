@@ -30,6 +30,10 @@ class TrainState:
     """Evaluations since the best one: early stopping compares it with eval.patience."""
     bad_steps: int = 0
     """Steps skipped for a non-finite loss or gradient (the run stops past train.max_bad_steps)."""
+    train_seconds: float = 0.0
+    """Time spent in training steps, the first step of each process's run (warm-up, compilation) left out."""
+    planned_steps: int | None = None
+    """Under train.time_budget: the step count fixed once the step time was measured (the schedule's end)."""
     recent_losses: list[float] = field(default_factory=list)
     """Training losses since the last evaluation: their mean is the evaluation's train_loss."""
     baseline: EvalRecord | None = None
@@ -88,9 +92,19 @@ class StepTimer:
         self.first_step_s: float | None = None
         self.tokens_per_s: float | None = None
         self._seconds = 0.0  # steps after the first
+        self._steady = 0
 
     def start(self, step: int) -> None:
         self.first_step = step + 1
+
+    @property
+    def steady_steps(self) -> int:
+        """Steps timed after the first one."""
+        return self._steady
+
+    @property
+    def steady_seconds(self) -> float:
+        return self._seconds
 
     def step_done(self, step: int, seconds: float, tokens_per_step: int) -> float:
         if step == self.first_step:
@@ -98,5 +112,6 @@ class StepTimer:
             self.tokens_per_s = tokens_per_step / seconds
         else:  # evaluation time is not training throughput: only the steps are timed
             self._seconds += seconds
+            self._steady += 1
             self.tokens_per_s = tokens_per_step * (step - self.first_step) / self._seconds
         return self.tokens_per_s

@@ -20,6 +20,7 @@ import math
 import os
 import shutil
 import time
+import warnings
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -55,7 +56,7 @@ class Trainer:
     def __init__(self, config: Config, callbacks=(), log=print):
         self.config = config
         self.run_dir = Path(config.output_dir)
-        self.guard = OverfittingGuard(config.eval, config.train.max_steps, config.train.keep_checkpoints)
+        self.guard = OverfittingGuard(config.eval, config.train.keep_checkpoints)
         self.callbacks = CallbackList([self.guard, *callbacks])
         self.state = TrainState()
         self.control = Control()
@@ -73,6 +74,8 @@ class Trainer:
         self.param_counts = {"trainable_params": 0, "total_params": 0}
         self.compiled = False  # decoder layers compiled (regional torch.compile)
         self.global_batch = 0  # rows per optimizer step, all processes and micro-batches together
+        # the last step: train.max_steps, or under a time budget unknown (no end) until the step time is measured
+        self.total_steps = UNPLANNED if config.train.time_budget_s else config.train.max_steps
         self.initial_adapter = self.run_dir / "initial_adapter"  # PiSSA/OLoRA's start, for their conversion
         self.in_update = False  # inside an optimizer update: an interrupt there is not checkpointed
         self.report: RunReport | None = None
@@ -142,21 +145,20 @@ class Trainer:
         self.log(
             f"train: {stream.tokens:,} tokens in {stream.rows_per_epoch:,} rows of {cfg.data.seq_len}; "
             f"global batch {batch} x {accum} accumulation x {world} processes = {self.global_batch} rows"
-            f" ({self.global_batch * cfg.data.seq_len:,} tokens) per step; {cfg.train.max_steps} steps = "
-            f"{stream.epoch_of(cfg.train.max_steps, world, batch, accum):.2f} epochs"
+            f" ({self.global_batch * cfg.data.seq_len:,} tokens) per step; "
+            + (
+                f"steps planned to fit train.time_budget={cfg.train.time_budget}"
+                if self.total_steps == UNPLANNED
+                else f"{cfg.train.max_steps} steps = {stream.epoch_of(cfg.train.max_steps, world, batch, accum):.2f} epochs"
+            )
         )
 
     def _setup_optimizer(self) -> None:
-        from transformers import get_scheduler
-
         train, acc = self.config.train, self.accelerator
         forward, self.compiled = setup_training_forward(self.model, train, acc, self.data.sample(), self.log)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         optimizer = methods.optimizer(self.config.method, self.model, train.lr, train.weight_decay)
-        schedule = train.lr_schedule if train.lr_schedule != "constant" else "constant_with_warmup"
-        self.scheduler = get_scheduler(
-            schedule, optimizer, num_warmup_steps=train.warmup_steps, num_training_steps=train.max_steps
-        )
+        self.scheduler = _scheduler(train, optimizer, self.total_steps)
         # The scheduler is stepped by hand once per optimizer step, whatever the process count.
         # The module Accelerate wraps is the whole training forward, loss included (DDP syncs through it).
         self.forward, self.optimizer = acc.prepare(forward, optimizer)
@@ -184,6 +186,8 @@ class Trainer:
             self.state = TrainState.from_json(saved)
             if acc.is_main_process:
                 truncate_metrics(self.run_dir / "metrics.jsonl", self.state.step)
+            if self.state.planned_steps is not None:  # a time-budgeted run continues its planned schedule
+                self._follow_plan(self.state.planned_steps)
             self.log(f"resumed from {found} at step {self.state.step}")
         elif resume:
             self.log(f"{self.run_dir}: no complete checkpoint yet; starting from step 0")
@@ -191,12 +195,12 @@ class Trainer:
     # --- the loop ----------------------------------------------------------------------------------
 
     def train(self) -> None:
-        """Optimizer steps from `state.step` to train.max_steps, or until a callback stops the run."""
+        """Optimizer steps from `state.step` to `total_steps`, or until a callback stops the run."""
         self._require_setup("train")
         train, state, acc = self.config.train, self.state, self.accelerator
         tokens_per_step = self.global_batch * self.config.data.seq_len
         bar = progress.bar(
-            total=train.max_steps,
+            total=None if self.total_steps == UNPLANNED else self.total_steps,
             initial=state.step,
             desc="train",
             unit="step",
@@ -204,7 +208,7 @@ class Trainer:
         )
         self.timer.start(state.step)
         self.forward.train()
-        while state.step < train.max_steps and self.control.stop_reason is None:
+        while state.step < self.total_steps and self.control.stop_reason is None:
             started = time.perf_counter()
             loss, grad_norm = self._accumulate_gradients(state.step)
             finite = math.isfinite(loss) and (grad_norm is None or math.isfinite(grad_norm))
@@ -216,17 +220,17 @@ class Trainer:
             state.step += 1
             state.train_tokens += tokens_per_step
             self.in_update = False
+            seconds = time.perf_counter() - started
             record = StepRecord(
                 step=state.step,
                 loss=loss,
                 lr=self.scheduler.get_last_lr()[0],
                 tokens=state.train_tokens,
-                tokens_per_s=self.timer.step_done(state.step, time.perf_counter() - started, tokens_per_step),
+                tokens_per_s=self.timer.step_done(state.step, seconds, tokens_per_step),
                 grad_norm=grad_norm,
                 skipped=not finite,
             )
-            if state.step == self.timer.first_step and self.compiled:
-                self.log(f"first step {self.timer.first_step_s:.1f} s, compilation included")
+            self._account_time(seconds, bar)
             if finite:
                 state.recent_losses.append(loss)
                 bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{record.tokens_per_s:.0f}")
@@ -242,6 +246,38 @@ class Trainer:
                 self.validate()
                 self.save_checkpoint()
         bar.close()
+
+    def _account_time(self, seconds: float, bar) -> None:
+        """Training time after a step; a time-budgeted run fixes its step count once it can."""
+        if self.state.step == self.timer.first_step:
+            if self.compiled:
+                self.log(f"first step {self.timer.first_step_s:.1f} s, compilation included")
+        else:  # the first step of a process's run (warm-up, compilation) does not count against a budget
+            self.state.train_seconds += seconds
+        if self.total_steps == UNPLANNED:
+            self._plan_time_budget(bar)
+
+    def _plan_time_budget(self, bar) -> None:
+        """Under train.time_budget: once enough steps are timed (3, and 5% of the budget), fix the step count
+        that fits what is left of it, so the learning-rate schedule ends, annealed, when the budget does."""
+        budget, state = self.config.train.time_budget_s, self.state
+        timed, seconds = self.timer.steady_steps, self.timer.steady_seconds
+        if timed < 3 or seconds < 0.05 * budget:
+            return
+        per_step = seconds / timed
+        planned = state.step + max(0, int((budget - state.train_seconds) / per_step))
+        state.planned_steps = planned
+        self._follow_plan(planned)
+        bar.total = planned
+        self.log(
+            f"train.time_budget: {per_step:.3f} s per step over {timed} steps; {planned} steps fit "
+            f"{self.config.train.time_budget} (evaluations not counted)"
+        )
+
+    def _follow_plan(self, planned: int) -> None:
+        """Run to `planned` steps: the schedule rebuilt for that end, at the current step (its closed form)."""
+        self.total_steps = planned
+        self.scheduler = _scheduler(self.config.train, self.optimizer, planned, at_step=self.state.step)
 
     def _accumulate_gradients(self, step: int) -> tuple[float, float | None]:
         """Gradients of one optimizer step over train.grad_accum micro-batches; (mean loss, gradient norm)."""
@@ -384,7 +420,8 @@ class Trainer:
             adapter_step=state.best_step or state.step,
             final_step=state.step,
             stopped_early=reason is not None,
-            stop_reason=reason or "reached train.max_steps",
+            stop_reason=reason
+            or ("used train.time_budget" if state.planned_steps is not None else "reached train.max_steps"),
             train_tokens=state.train_tokens,
             best_val_loss=state.best_val_loss,
             processes=self.accelerator.num_processes,
@@ -395,6 +432,8 @@ class Trainer:
             tokens_per_s=self.timer.tokens_per_s,
             compiled=self.compiled,
             first_step_s=self.timer.first_step_s,
+            train_seconds=state.train_seconds,
+            planned_steps=state.planned_steps,
         )
 
     def evaluate(self, model=None) -> dict:
@@ -411,6 +450,23 @@ class Trainer:
                 f"Trainer.{what}(): the trainer is not set up (no model, data or optimizer yet); call fit(), or "
                 "setup() first. A finished run is evaluated with peftkit.evaluation.evaluate_run(RUN_DIR)"
             )
+
+
+UNPLANNED = 2**62  # total_steps of a time-budgeted run before its step count is fixed: the schedule holds its peak
+
+
+def _scheduler(train, optimizer, total: int, at_step: int = 0):
+    """The learning-rate schedule of train.lr_schedule ending at `total` steps, set to step `at_step`."""
+    from transformers import get_scheduler
+
+    schedule = train.lr_schedule if train.lr_schedule != "constant" else "constant_with_warmup"
+    scheduler = get_scheduler(schedule, optimizer, num_warmup_steps=train.warmup_steps, num_training_steps=total)
+    if at_step:
+        with warnings.catch_warnings():  # torch warns of a scheduler step before any optimizer step: harmless here
+            warnings.simplefilter("ignore")
+            scheduler.last_epoch = at_step - 1
+            scheduler.step()  # LambdaLR's rate is a closed form of the step: the same as if stepped all along
+    return scheduler
 
 
 def _evaluation_message(record: EvalRecord) -> str:

@@ -1,6 +1,6 @@
 """The overfitting and forgetting guard, as a callback of the training loop.
 
-It decides when to evaluate (every `eval.every_steps` and at the last step), keeps the step-0
+It decides when to evaluate (every `eval.every_steps` and at the last step, `trainer.total_steps`), keeps the step-0
 evaluation (the base model) as the reference, marks each evaluation within or beyond the forgetting
 budget (general-text perplexity and KL from the base model's answers), tracks the best step (the
 lowest validation loss within the budget), stops the run after `eval.patience` evaluations without
@@ -20,17 +20,16 @@ class OverfittingGuard(Callback):
 
     Args:
         eval_config: EvalConfig (every_steps, max_general_ppl_increase, max_general_kl, min_delta, patience).
-        max_steps: the run's train.max_steps (the last step is always evaluated).
         keep_checkpoints: train.keep_checkpoints, the newest checkpoints kept besides the best one.
     """
 
-    def __init__(self, eval_config, max_steps: int, keep_checkpoints: int):
+    def __init__(self, eval_config, keep_checkpoints: int):
         self.ev = eval_config
-        self.max_steps = max_steps
         self.keep_checkpoints = keep_checkpoints
 
     def on_step_end(self, trainer, record) -> None:
-        if not record.skipped and (record.step % self.ev.every_steps == 0 or record.step == self.max_steps):
+        last = record.step == trainer.total_steps  # train.max_steps, or the step count a time budget planned
+        if not record.skipped and (record.step % self.ev.every_steps == 0 or last):
             trainer.control.evaluate = True
 
     def within_budget(self, record: EvalRecord, baseline: EvalRecord) -> bool:

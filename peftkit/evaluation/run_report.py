@@ -162,6 +162,30 @@ class Perplexities(JsonRecord):
 
 
 @dataclass(kw_only=True)
+class ChangeIntervals(JsonRecord):
+    """95% intervals of `RunReport.change`, tuned vs base on the same test rows (paired bootstrap,
+    `evaluation.bootstrap`): an interval below 0 is a real drop in perplexity, above 0 a real rise."""
+
+    domain_ppl: list[float]
+    general_ppl: list[float] | None = optional()
+
+
+@dataclass(kw_only=True)
+class Bootstrap(JsonRecord):
+    """How the intervals of the report were computed."""
+
+    method: str
+    resamples: int
+    level: float
+    seed: int
+    """config.seed: the same run gives the same intervals."""
+    units: dict[str, int]
+    """Units resampled per comparison ("domain", "general" test rows or blocks, "kl_prompts")."""
+    rows_per_unit: dict[str, int] | None = optional()
+    """Consecutive test rows per unit: 1 where documents fit in a row, more where they are longer."""
+
+
+@dataclass(kw_only=True)
 class PromptedBaseline(JsonRecord):
     """The no-fine-tuning alternative: the base model with domain text in front of every test row."""
 
@@ -171,6 +195,12 @@ class PromptedBaseline(JsonRecord):
     """Tokens of training text in front (eval.prompt_tokens, or all the training text if shorter)."""
     tokens: int | None = optional()
     """Tokens scored."""
+    change: float | None = optional()
+    """Against the plain base model: prompted / base - 1 (below 0: the prompt alone helps)."""
+    change_ci95: list[float] | None = optional()
+    tuned_change: float | None = optional()
+    """The tuned model against this baseline: tuned / prompted - 1 (below 0: tuning beats prompting)."""
+    tuned_change_ci95: list[float] | None = optional()
 
 
 @dataclass(kw_only=True)
@@ -192,6 +222,14 @@ class QAGroup(JsonRecord):
     kshot_base_accuracy: float | None = optional()
     """The base model's accuracy with `kshot` examples in front: the no-fine-tuning alternative."""
     kshot_base_ci95: list[float] | None = optional()
+    tuned_vs_kshot: float | None = optional()
+    """Paired change in accuracy, tuned minus the k-shot base, on the same questions."""
+    tuned_vs_kshot_ci95: list[float] | None = optional()
+    chance: float | None = optional()
+    """Accuracy of guessing (the mean of 1 / options): a base model whose interval reaches it is at chance."""
+    mde: float | None = optional()
+    """The smallest change in accuracy these questions detect (80% power, 5% two-sided, the observed paired
+    spread): a real change smaller than this is likely to go unseen."""
 
 
 @dataclass(kw_only=True)
@@ -307,6 +345,10 @@ class TrainingSummary(JsonRecord):
     compiled: bool | None = None
     """Decoder layers ran compiled (regional torch.compile)."""
     first_step_s: float | None = None
+    train_seconds: float | None = optional()
+    """Time in training steps, the first step of each process's run (warm-up, compilation) left out."""
+    planned_steps: int | None = optional()
+    """Under train.time_budget: the step count that fitted the budget once the step time was measured."""
 
 
 @dataclass(kw_only=True)
@@ -314,13 +356,26 @@ class Verdict(JsonRecord):
     """Was the fine-tune worth it (`evaluation.verdict_rules.decide`)?"""
 
     helped: bool
-    """No finding vetoes deploying the tuned model."""
+    """outcome == "helped" (kept for readers of older reports)."""
+    outcome: str | None = optional()
+    """"helped", "mixed" (a real domain gain with a real loss elsewhere) or "did not help"."""
     recommend: str
     """The option to deploy: "tuned", "base", or "base_kshot" (the base model with a domain prompt)."""
     summary: str
     options: dict[str, dict[str, float]]
     """Each option's scores: {"base": {"domain_ppl": .., "medical_qa": ..}, "tuned": .., "base_kshot": ..}."""
     reasons: list[str]
+    deciding: list[str] | None = optional()
+    """The reasons that decided the outcome and the recommendation (a subset of `reasons`)."""
+
+
+@dataclass(kw_only=True)
+class Cost(JsonRecord):
+    """What deploying the tuned model adds to the base model (the training side is in `TrainingSummary`)."""
+
+    adapter_bytes: int
+    """Size of RUN_DIR/adapter's weights; a merged model has the base model's size and speed instead."""
+    adapter_params: int | None = optional()
 
 
 @dataclass(kw_only=True)
@@ -337,16 +392,22 @@ class RunReport(JsonRecord):
     tuned: Perplexities
     change: Perplexities
     """Relative change, tuned / base - 1: below 0 is better."""
+    change_ci95: ChangeIntervals | None = optional()
+    """95% intervals of `change` (absent in reports from before peftkit measured them)."""
     eval_tokens: dict[str, int] | None = optional()
     """Tokens scored per test set ("domain", "general")."""
+    bootstrap: Bootstrap | None = optional()
     base_prompted: PromptedBaseline | None = optional()
     """Absent with eval.prompt_tokens=0."""
     general_kl: float | None = optional()
     """The tuned model's KL from the base model's answers to general prompts (absent without eval.kl_prompts)."""
+    general_kl_ci95: list[float] | None = optional()
+    """Its 95% interval, resampling the prompts."""
     qa: dict[str, QAGroup] | None = optional()
     """Per question group ("medical", "general"); absent with eval.qa_questions=0."""
     diagnostics: Diagnostics | None = optional()
     """Absent with eval.diagnostics=false."""
+    cost: Cost | None = optional()
     training: TrainingSummary | None = None
     """Written at the top level of report.json; None for a report `peftkit eval` wrote on its own."""
     verdict: Verdict | None = optional()
