@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import random
 import subprocess
 import sys
 
@@ -11,25 +10,15 @@ import torch
 
 from peftkit import export
 from peftkit.errors import PeftkitError
-from tests.conftest import general_doc, make_doc
+from tests.gguf_tokenizers import byte_level
 
 
 @pytest.fixture(scope="module")
 def bpe_model_dir(tmp_path_factory):
     """A tiny Llama (GQA: 4 query heads, 2 key/value heads) with a byte-level BPE tokenizer and a chat template."""
-    from tokenizers import ByteLevelBPETokenizer
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import LlamaConfig, LlamaForCausalLM
 
-    rng = random.Random(0)
-    texts = [make_doc(rng) for _ in range(200)] + [general_doc(rng) for _ in range(200)]
-    bpe = ByteLevelBPETokenizer()
-    bpe.train_from_iterator(texts + list(export.TOKENIZER_CHECK), vocab_size=400,
-                            special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"])  # fmt: skip
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, bos_token="<|im_start|>",
-                                        eos_token="<|im_end|>", unk_token="<|endoftext|>", pad_token="<|endoftext|>")  # fmt: skip
-    tokenizer.chat_template = (
-        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-    )
+    tokenizer = byte_level(extra=export.TOKENIZER_CHECK)
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=len(tokenizer) + 4, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
@@ -80,7 +69,8 @@ def test_gguf_round_trip_matches_the_source_within_the_stated_tolerance(bpe_mode
 
 
 def test_a_file_that_does_not_reproduce_the_model_is_refused_and_not_left_behind(bpe_model_dir, tmp_path, monkeypatch):
-    monkeypatch.setattr(export, "_permute", lambda weights, n_head: weights)  # forget llama.cpp's q/k row order
+    # forget llama.cpp's q/k row order
+    monkeypatch.setattr(export.families, "_permute", lambda weights, n_head: weights)
     out = tmp_path / "broken.gguf"
     with pytest.raises(PeftkitError, match="differs from the source model"):
         export.export_gguf(bpe_model_dir, out, quant="f32", log=lambda _: None)

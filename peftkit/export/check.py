@@ -1,0 +1,131 @@
+"""The check a GGUF file must pass before it is kept: loaded back with transformers' GGUF loader, it must
+tokenize the check texts identically, keep the logits within the quantization's tolerance and predict the
+same next token. Where the loader rebuilds the model's config differently (a field GGUF does not carry),
+the differences are named: in the error when the check fails, as a note when it passes.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+
+from peftkit.errors import PeftkitError
+from peftkit.merge import CHECK_INPUTS
+
+# Max |logit difference| of the reloaded GGUF against the source fp32 model, relative to the
+# largest |logit| on the check inputs. Measured on SmolLM2-135M (max |logit| ~30): f32 0 (exact),
+# f16 1.1e-3, q8_0 2.1e-2 of the max.
+TOLERANCE = {"f32": 1e-5, "f16": 1e-2, "q8_0": 5e-2}
+CONTINUATION_TOKENS = 16  # greedy tokens compared (reported, not required: q8_0 may part ways late)
+TOKENIZER_CHECK = CHECK_INPUTS + ("Ünïcödé, digits 12345 and  double  spaces\n\tnewline.",)
+# Config fields whose rebuilt value says nothing about the weights' computation.
+NOT_COMPARED = set(
+    "architectures _name_or_path transformers_version dtype torch_dtype use_cache bos_token_id eos_token_id "
+    "pad_token_id initializer_range output_attentions output_hidden_states return_dict tokenizer_class "
+    "id2label label2id".split()
+)
+
+
+def check(model, tokenizer, path: Path, quant: str) -> dict:
+    """Reload the file with transformers' GGUF loader; compare config, tokenisation and logits with the source."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    kwargs = {"gguf_file": path.name}
+    hf_logging.disable_progress_bar()
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # the loader logs every metadata key it does not map
+    try:
+        rebuilt = config_differences(model.config, AutoConfig.from_pretrained(path.parent, **kwargs))
+        if rope := [field for field in rebuilt if field.startswith("rope_parameters=")]:
+            # short check texts barely show a RoPE difference (a wrong rope_theta moved logits ~1e-2), so
+            # this is refused however close the logits come, like the rope types refused up front
+            raise PeftkitError(f"GGUF export: the loader rebuilds {rope[0]}; nothing was written")
+        try:
+            reloaded = AutoModelForCausalLM.from_pretrained(path.parent, dtype=torch.float32, **kwargs).eval()
+            reloaded_tok = AutoTokenizer.from_pretrained(path.parent, **kwargs)
+        except Exception as err:  # whatever the loader raises, the file is not usable: say so in one line
+            reason = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+            message = f"transformers' GGUF loader cannot read the file back ({reason}){_because(rebuilt)}"
+            raise PeftkitError(f"GGUF export: {message}; nothing was written") from err
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        hf_logging.enable_progress_bar()
+    for text in TOKENIZER_CHECK:
+        a, b = tokenizer(text).input_ids, reloaded_tok(text).input_ids
+        if a != b:
+            raise PeftkitError(
+                f"GGUF export: the reloaded tokenizer splits {text[:40]!r} differently ({a[:8]} vs {b[:8]}); "
+                "nothing was written"
+            )
+    diff, scale, same_argmax = 0.0, 0.0, True
+    with torch.no_grad():
+        for text in CHECK_INPUTS:
+            ids = torch.tensor([tokenizer(text).input_ids])
+            x, y = model(ids).logits, reloaded(ids).logits
+            diff = max(diff, (x - y).abs().max().item())
+            scale = max(scale, x.abs().max().item())
+            same_argmax &= bool((x[0, -1].argmax() == y[0, -1].argmax()).item())
+    relative = diff / scale
+    if relative > TOLERANCE[quant] or not same_argmax:
+        raise PeftkitError(
+            f"GGUF export: the reloaded {quant} file differs from the source model (max |logit diff| {diff:.3g}, "
+            f"{relative:.1e} of max |logit|, tolerance {TOLERANCE[quant]:.0e}, same next token: {same_argmax})"
+            f"{_because(rebuilt)}; nothing was written"
+        )
+    continuations = []
+    for text in CHECK_INPUTS:
+        ids = torch.tensor([tokenizer(text).input_ids])
+        a, b = (greedy(m, ids, tokenizer) for m in (model, reloaded))
+        continuations.append({"prompt": text, "source": a, "gguf": b, "same": a == b})
+    return {
+        "max_abs_logit_diff": diff,
+        "relative": relative,
+        "same_next_token": same_argmax,
+        "continuations": continuations,
+        "rebuilt_differently": rebuilt,
+    }
+
+
+def config_differences(source, rebuilt) -> list[str]:
+    """`field=rebuilt value (model: value)` for each config field the GGUF loader rebuilds differently."""
+    theirs = rebuilt.to_dict()
+    known = type(source)().to_dict()  # fields the config class defines, not stray keys a config file carried
+    differences = []
+    for key, value in source.to_dict().items():
+        if key not in known or key in NOT_COMPARED or "dropout" in key or key.startswith("_"):
+            continue
+        if not _same(value, theirs.get(key)):
+            differences.append(f"{key}={theirs.get(key)!r} (model: {value!r})")
+    return differences
+
+
+def _same(a, b) -> bool:
+    """Equal, with floats compared at GGUF's float32 precision."""
+    if isinstance(a, float) and isinstance(b, (int, float)):
+        return math.isclose(a, b, rel_tol=1e-6)
+    if isinstance(a, dict) and isinstance(b, dict):  # keys only the rebuilt side has are its explicit defaults
+        return all(_same(a[k], b.get(k)) for k in a)
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
+    return a == b
+
+
+def _because(rebuilt: list[str]) -> str:
+    if not rebuilt:
+        return ""
+    return f"; the loader rebuilds {', '.join(rebuilt[:6])}" + (" ..." if len(rebuilt) > 6 else "")
+
+
+@torch.no_grad()
+def greedy(model, ids: torch.Tensor, tokenizer) -> str:
+    out = model.generate(
+        ids,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=CONTINUATION_TOKENS,
+        do_sample=False,
+        pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
+    )
+    return tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
