@@ -99,10 +99,22 @@ def model_loss(model, input_ids: torch.Tensor, labels: torch.Tensor, **kwargs) -
     return model(input_ids=input_ids, labels=labels, use_cache=False, **kwargs).loss
 
 
+def transforms_logits(config) -> str | None:
+    """The config key by which this family changes logits after the output layer (Gemma 2/3's final
+    softcapping, Granite's logits_scaling, Cohere's logit_scale), or None. A check on one batch of small
+    logits could miss such a change (softcapping barely moves logits far below its cap), so it is read here."""
+    for key, neutral in (("final_logit_softcapping", None), ("logits_scaling", 1.0), ("logit_scale", 1.0)):
+        value = getattr(config, key, None)
+        if value is not None and value != neutral:
+            return key
+    return None
+
+
 def chunked_matches(model, input_ids: torch.Tensor, labels: torch.Tensor, **kwargs) -> bool:
-    """Does the chunked loss reproduce the model's own loss on this batch? Checked once per model."""
+    """Does the chunked loss reproduce the model's own loss on this batch? Checked once per model; a family
+    that transforms its logits (`transforms_logits`) keeps its own loss."""
     parts = decoder_and_head(model)
-    if parts is None:
+    if parts is None or transforms_logits(_base(model).config):
         return False
     if not (labels[:, 1:] != IGNORE_INDEX).any():
         return False  # nothing to compare on this batch; decide on a later one
@@ -215,9 +227,11 @@ def setup_training_forward(model, train, accelerator, sample, log) -> tuple[Trai
                 model, sample.input_ids.to(accelerator.device), sample.labels.to(accelerator.device)
             )
         if not chunked:
+            key = transforms_logits(_base(model).config)
+            why = f"it transforms its logits ({key})" if key else "or it prepends virtual tokens"
             log(
-                "train.chunked_loss: this model's loss is not plain cross-entropy over its output layer "
-                "(or it prepends virtual tokens); using its own forward, which holds every logit"
+                f"train.chunked_loss: this model's loss is not plain cross-entropy over its output layer ({why}); "
+                "using its own forward, which holds every logit"
             )
     compiled = False
     wanted, why = runtime.compile_wanted(train.compile, model)

@@ -144,7 +144,7 @@ def _cost(config: Config, tokenizer, timed_steps: int, log) -> dict:
     activations = sum(n for ptr, n in kept.items() if ptr not in weights) * batch / timed_batch
     estimate = (weight_bytes + logits + activations + optimizer) / 2**20 + RUNTIME_MB
     return {"trainable_params": trainable, "memory_estimate_mb": estimate,
-            "tokens_per_s": tokens_per_s}  # fmt: skip
+            "tokens_per_s": tokens_per_s, "adapted_modules": methods.adapted_modules(model)}  # fmt: skip
 
 
 def format_preview(p: dict, config: Config) -> str:
@@ -162,6 +162,8 @@ def format_preview(p: dict, config: Config) -> str:
         f"loss on {p['loss_token_share']:.2%} of the tokens (format {config.data.format}"
         + ("; every token but a row's first)" if config.data.format == "text" else "; responses only)"),
         f"{config.method.name}: {p['trainable_params']:,} trainable parameters",
+        f"adapted: {', '.join(p['adapted_modules']['names']) or 'no module (virtual tokens)'} "
+        f"({p['adapted_modules']['count']} weights; method.target_modules={','.join(config.method.target_modules)})",
         f"memory estimate: ~{p['memory_estimate_mb']:,.0f} MB for batch {config.train.batch_size} x "
         f"{config.data.seq_len}: weights, optimizer state, loss logits and the activations one eager step kept "
         f"for backward (measured; compiled layers keep fewer), and {RUNTIME_MB} MB for Python and the libraries; "

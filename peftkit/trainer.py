@@ -434,6 +434,7 @@ class Trainer:
             first_step_s=self.timer.first_step_s,
             train_seconds=state.train_seconds,
             planned_steps=state.planned_steps,
+            adapted_modules=methods.adapted_modules(self.model),
         )
 
     def evaluate(self, model=None) -> dict:

@@ -20,7 +20,7 @@ def config() -> Config:
     return Config(
         model=ModelConfig(name_or_path="asset:smollm2-135m-instruct"),
         data=DataConfig(source="asset:pubmed-abstracts", general_source="asset:wiki-general", seq_len=512),
-        method=MethodConfig(name="lora", r=16, alpha=32, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]),
+        method=MethodConfig(name="lora", r=16, alpha=32, target_modules=["attention"]),
         train=TrainConfig(max_steps=40, batch_size=8, grad_accum=1, lr=5e-4, warmup_steps=4),
         eval=EvalConfig(every_steps=20, val_tokens=4096, test_tokens=16384, patience=2, qa_questions=60),
         output_dir="runs/medical_lora",

@@ -111,3 +111,30 @@ def _fresh_accelerate_state():
     from accelerate.state import AcceleratorState
 
     AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def build_bpe_tokenizer():
+    """A byte-level BPE tokenizer (GPT-2 style, as Llama 3, Qwen and SmolLM use) trained on the test corpus's
+    words: any text encodes, and GGUF export reads it."""
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    rng = random.Random(0)
+    texts = [make_doc(rng) for _ in range(200)] + [general_doc(rng) for _ in range(200)]
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(texts, vocab_size=400, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=bpe._tokenizer,
+        bos_token="<|im_start|>",
+        eos_token="<|im_end|>",
+        unk_token="<|endoftext|>",
+        pad_token="<|endoftext|>",
+    )
+
+
+def pytest_addoption(parser):
+    parser.addoption(
+        "--write-models-table",
+        action="store_true",
+        help="tests/test_families.py: write the measured support table into docs/models.md (scripts/models_table)",
+    )

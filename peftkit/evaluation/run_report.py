@@ -349,6 +349,8 @@ class TrainingSummary(JsonRecord):
     """Time in training steps, the first step of each process's run (warm-up, compilation) left out."""
     planned_steps: int | None = optional()
     """Under train.time_budget: the step count that fitted the budget once the step time was measured."""
+    adapted_modules: dict[str, Any] | None = optional()
+    """What method.target_modules resolved to: {"names": short module names, "count": adapted weights}."""
 
 
 @dataclass(kw_only=True)

@@ -114,23 +114,40 @@ def peft_kwargs(config, model) -> dict:
     """Options several peft configs share: which blocks to adapt."""
     if not config.layers:
         return {}
+    from peftkit.methods.targeting import decoder_blocks
+
     blocks = model.config.num_hidden_layers
     if max(config.layers) >= blocks:
         raise PeftkitError(f"method.layers: the model has blocks 0..{blocks - 1}; got {config.layers}")
-    return {"layers_to_transform": list(config.layers), "layers_pattern": "layers"}
+    list_name, _ = decoder_blocks(model)  # 'model.layers', GPT-2's 'transformer.h'
+    return {"layers_to_transform": list(config.layers), "layers_pattern": list_name.rsplit(".", 1)[-1] or "layers"}
 
 
-def targets(config, model) -> str | list[str]:
-    """method.target_modules for peft; ['all-linear'] is expanded to names when layers are chosen
-    (peft takes `layers_to_transform` only with a list of names)."""
-    if config.target_modules != ["all-linear"]:
-        return list(config.target_modules)
-    if not config.layers:
-        return "all-linear"
-    import torch
+def module_targets(config, model):
+    """method.target_modules resolved on `model` (`peftkit.methods.targeting.Targets`) for a method that adapts
+    modules only: fused expert parameters take LoRA (peft's target_parameters), so they are refused here."""
+    from peftkit.methods.targeting import resolve
 
-    return sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
-                   if isinstance(module, torch.nn.Linear) and ".layers." in f".{name}"})  # fmt: skip
+    resolved = resolve(config, model)
+    if resolved.parameters:
+        raise PeftkitError(
+            f"method.target_modules: {','.join(config.target_modules)} includes fused expert parameters "
+            f"({', '.join(resolved.parameters)}), which only LoRA adapts here (method.name=lora); method "
+            f"{config.name} takes modules only"
+        )
+    return resolved
+
+
+def targets(config, model) -> list[str]:
+    """method.target_modules for peft: the name suffixes of the modules it selects in `model`."""
+    return module_targets(config, model).modules
+
+
+def adapted_modules(model) -> dict:
+    """What the method adapted in `model` (a peft model): {"names": [...], "count": N}, for preview and report."""
+    from peftkit.methods.targeting import adapted
+
+    return adapted(model)
 
 
 def get_peft_model(model, peft_config, config_key: str = "method.target_modules"):

@@ -4,7 +4,8 @@ rsLoRA scaling, PiSSA/OLoRA/Gaussian initialisation and layer selection as optio
 from __future__ import annotations
 
 from peftkit.errors import PeftkitError
-from peftkit.methods import get_peft_model, peft_kwargs, register, targets, variant
+from peftkit.methods import get_peft_model, peft_kwargs, register, variant
+from peftkit.methods.targeting import resolve
 
 INIT = {"default": True, "gaussian": "gaussian", "pissa": "pissa", "olora": "olora"}
 
@@ -18,9 +19,21 @@ def lora_config(config, model, use_dora: bool = False):
     if config.init in ("pissa", "olora") and getattr(model, "is_quantized", False):
         raise PeftkitError(f"method.init={config.init}: initialising from a quantized base's weights is not supported "
                            "here; use model.quantization=none or method.init=default")  # fmt: skip
-    return LoraConfig(r=config.r, lora_alpha=config.alpha, lora_dropout=config.dropout, target_modules=targets(config, model),
-                      use_rslora=config.rslora, use_dora=use_dora, init_lora_weights=INIT[config.init],
-                      task_type="CAUSAL_LM", **peft_kwargs(config, model))  # fmt: skip
+    targets = resolve(config, model)
+    # fused MoE expert weights are parameters, not modules: peft's target_parameters adapts them
+    experts = {"target_parameters": targets.parameters} if targets.parameters else {}
+    return LoraConfig(
+        r=config.r,
+        lora_alpha=config.alpha,
+        lora_dropout=config.dropout,
+        target_modules=targets.modules,
+        use_rslora=config.rslora,
+        use_dora=use_dora,
+        init_lora_weights=INIT[config.init],
+        task_type="CAUSAL_LM",
+        **experts,
+        **peft_kwargs(config, model),
+    )
 
 
 def build_lora(config, model):

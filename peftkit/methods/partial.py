@@ -15,6 +15,7 @@ import re
 
 from peftkit.errors import PeftkitError
 from peftkit.methods import get_peft_model, register
+from peftkit.methods.targeting import decoder_blocks, is_linear
 
 
 def top_block_modules(model, n: int) -> tuple[list[str], int]:
@@ -22,10 +23,14 @@ def top_block_modules(model, n: int) -> tuple[list[str], int]:
     blocks = model.config.num_hidden_layers
     if n > blocks:
         raise PeftkitError(f"method.top_layers: the model has {blocks} blocks; got {n}")
-    prefixes = tuple(f"layers.{i}." for i in range(blocks - n, blocks))
-    names = [name for name, module in model.named_modules()
-             if not list(module.children()) and any(True for _ in module.parameters(recurse=False))
-             and any(f".{p}" in f".{name}" for p in prefixes)]  # fmt: skip
+    prefixes = tuple(f"{block}." for block in decoder_blocks(model)[1][blocks - n :])  # model.layers.N, transformer.h.N
+    names = [
+        name
+        for name, module in model.named_modules()
+        if not list(module.children())
+        and any(True for _ in module.parameters(recurse=False))
+        and name.startswith(prefixes)
+    ]
     return names, blocks
 
 
@@ -47,7 +52,6 @@ def pattern_modules(model, pattern: str) -> list[str]:
 # whole blocks train in full: ~5x less than a LoRA recipe's learning rate
 @register("top_layers", {"method.top_layers": 2, "train.lr": 1e-4})
 def build_top_layers(config, model):
-    import torch
     from peft import IA3Config
 
     if config.unfreeze_pattern:
@@ -59,8 +63,11 @@ def build_top_layers(config, model):
                 f"method.top_layers={blocks} unfreezes every block; that is full fine-tuning, choose fewer"
             )
     trained = set(modules)
-    carrier = next((name for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)
-                    and ".layers." in f".{name}" and name not in trained), None)  # fmt: skip
+    in_blocks = tuple(f"{block}." for block in decoder_blocks(model)[1])
+    carrier = next(
+        (n for n, m in model.named_modules() if is_linear(m) and n.startswith(in_blocks) and n not in trained),
+        None,
+    )
     if carrier is None:
         raise PeftkitError(
             "method.top_layers: needs a model with blocks under layers.N and one linear layer left frozen"
