@@ -15,10 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # The method registry: methods/__init__.py defines `register` and then imports each family module,
 # which imports `register` back from the half-initialised package. Left for the methods rewrite
 # (issue 17, item 6) to move the registry into a module of its own; delete this entry then.
-KNOWN_CYCLES = [
-    {"peftkit.methods", "peftkit.methods.ia3", "peftkit.methods.lora", "peftkit.methods.lycoris"}
-    | {"peftkit.methods.partial", "peftkit.methods.prompt"},
-]
+KNOWN_CYCLES: list[set[str]] = []  # none: keep it so
 
 
 def _sources(root: Path = ROOT, package: str = "peftkit") -> dict[str, tuple[bool, str]]:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from peftkit.methods import get_peft_model, module_targets, peft_kwargs, register
+from peftkit.methods.registry import get_peft_model, module_targets, peft_kwargs, register
 
 DEFAULT_TARGETS = ["k_proj", "v_proj", "down_proj"]  # the paper's choice for decoder models
 LORA_DEFAULTS = (["attention"], ["q_proj", "k_proj", "v_proj", "o_proj"])  # today's and the earlier spelling

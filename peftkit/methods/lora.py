@@ -4,7 +4,7 @@ rsLoRA scaling, PiSSA/OLoRA/Gaussian initialisation and layer selection as optio
 from __future__ import annotations
 
 from peftkit.errors import PeftkitError
-from peftkit.methods import get_peft_model, peft_kwargs, register, variant
+from peftkit.methods.registry import get_peft_model, peft_kwargs, register, variant
 from peftkit.methods.targeting import resolve
 
 INIT = {"default": True, "gaussian": "gaussian", "pissa": "pissa", "olora": "olora"}

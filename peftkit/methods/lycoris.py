@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from peftkit.methods import get_peft_model, peft_kwargs, register, targets
+from peftkit.methods.registry import get_peft_model, peft_kwargs, register, targets
 
 
 # half a LoRA recipe's rank and alpha: the Hadamard product of two rank-8 pairs reaches rank 64

@@ -14,7 +14,7 @@ from __future__ import annotations
 import re
 
 from peftkit.errors import PeftkitError
-from peftkit.methods import get_peft_model, register
+from peftkit.methods.registry import get_peft_model, register
 from peftkit.methods.targeting import decoder_blocks, is_linear
 
 

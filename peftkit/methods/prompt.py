@@ -4,7 +4,7 @@ can be merged: deploy the base model with the adapter."""
 
 from __future__ import annotations
 
-from peftkit.methods import get_peft_model, register
+from peftkit.methods.registry import get_peft_model, register
 
 
 # A few virtual-token embeddings carry the whole adaptation: learning rates 20-60x LoRA's
