@@ -57,6 +57,13 @@ def coerce(value: Any, kind: Any, key: str, choices: tuple | None, origin: str) 
         if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
             return None
         kind = next(a for a in args if a is not type(None))
+    if set(args) == {int, str}:  # a count or a word (eval.qa_questions=all)
+        if isinstance(value, str) and value in (choices or ()):
+            return value
+        try:
+            return coerce(value, int, key, None, origin)
+        except PeftkitError:
+            bad("an integer or " + " or ".join(repr(c) for c in choices or ()))
     if kind is bool:
         if isinstance(value, bool):
             return value
@@ -122,7 +129,8 @@ def describe(root: type) -> list[tuple[str, str, Any, str]]:
             kind = getattr(hints[f.name], "__name__", str(hints[f.name]).replace("typing.", ""))
             help_text = f.metadata.get("help", "")
             if f.metadata.get("choices"):
-                help_text += f" (one of: {', '.join(f.metadata['choices'])})"
+                words = ", ".join(f.metadata["choices"])
+                help_text += f" (a number or {words})" if kind == "int | str" else f" (one of: {words})"
             rows.append((prefix + f.name, kind, getattr(default, f.name), help_text))
 
     walk(root, "")
