@@ -150,6 +150,9 @@ def test_replay_mixes_general_text_into_training_only(tiny_config, tmp_path):
     domain = sum(len(t) for t in data.tokenize(trainer.tokenizer, trainer.data.documents))
     stream = trainer.data.stream
     assert stream.tokens >= domain / 0.7 * 0.99  # 30% of the training tokens are general text
+    # and no more: whole general documents up to the share, the last one past it by less than its length
+    longest = max(len(t) for t in data.tokenize(trainer.tokenizer, data.load_general(mixed.data)))
+    assert stream.tokens - domain < domain * 0.3 / 0.7 + longest
     no_general = dataclasses.replace(mixed, data=dataclasses.replace(mixed.data, general_source=""),
                                      output_dir=str(tmp_path / "no-general"))  # fmt: skip
     with pytest.raises(PeftkitError, match="data.replay needs data.general_source"):

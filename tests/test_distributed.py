@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from peftkit import checkpoint
+
 ROOT = Path(__file__).resolve().parents[1]
 DRIVER = ROOT / "tests" / "distributed_driver.py"
 ACCELERATE = [sys.executable, "-m", "accelerate.commands.launch"]
@@ -101,9 +103,15 @@ def test_checkpoint_from_two_processes_resumes_on_one(dist_config, one_process, 
     out = tmp_path / "two_then_one"
     run = out / "run"
     launch(["--multi_gpu", "--num_processes", "2"], dist_config, out, ["--train.max_steps=3", f"--output_dir={run}"])
+    assert [r["world"] for r in ranks(out)] == [2, 2], "accelerate did not form a 2-process group"
+    # without a complete step-3 checkpoint the 1-process run would retrain from step 0 and still match
+    assert [step for step, _ in checkpoint.checkpoints(run)] == [3]
+    assert checkpoint.verify(run / "checkpoints" / "step-3")
     # the LR schedule is constant, so stopping at 3 of 3 and continuing to 6 is the same training
     launch(["--num_processes", "1"], dist_config, out,
            ["--train.grad_accum=2", "--train.resume=true", f"--output_dir={run}"])  # fmt: skip
+    # rank 0 of the resumed run overwrote rank0.pt; rank1.pt is left from the 2-process run
+    assert [r["world"] for r in ranks(out)] == [1, 2]
     (state,) = [r for r in ranks(out) if r["world"] == 1]
     assert_close(state["state"], one_state)
 

@@ -61,8 +61,17 @@ def test_merge_of_a_folder_without_adapter_is_an_error(tmp_path):
         merge_run(tmp_path, tmp_path / "merged", log=lambda _: None)
 
 
-@pytest.mark.parametrize("combination", ["linear", "ties"])
-def test_weighted_merge_of_two_runs(trained_run, tmp_path, combination):
+def weighted_by_peft(tiny_model_dir, runs, weights, combination):
+    """The expected model, built here with peft alone: both adapters combined by add_weighted_adapter."""
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), f"{runs[0]}/adapter")
+    model.load_adapter(f"{runs[1]}/adapter", adapter_name="other")
+    density = 0.5 if combination == "ties" else None
+    model.add_weighted_adapter(["default", "other"], weights, "mix", combination_type=combination, density=density)
+    model.set_adapter("mix")
+    return model.eval()
+
+
+def test_weighted_merge_of_two_runs(trained_run, tiny_model_dir, tmp_path):
     import json
 
     from peftkit.merge import merge_runs
@@ -71,11 +80,20 @@ def test_weighted_merge_of_two_runs(trained_run, tmp_path, combination):
         trained_run, output_dir=str(tmp_path / "other"), seed=1, train=dataclasses.replace(trained_run.train, lr=2e-2)
     )
     Trainer(other, log=lambda _: None).fit()
-    out = tmp_path / f"merged-{combination}"
-    check = merge_runs([trained_run.output_dir, other.output_dir], [0.7, 0.3], combination, out, log=lambda _: None)
-    assert check["combination"] == combination and check["weights"] == [0.7, 0.3]
-    assert check["max_abs_logit_diff_vs_adapter"] <= MERGE_ATOL and check["max_abs_logit_diff_vs_base"] > 0
-    assert json.loads((out / "peftkit_merge.json").read_text())["runs"] == [trained_run.output_dir, other.output_dir]
-    AutoModelForCausalLM.from_pretrained(out)
+    runs = [trained_run.output_dir, other.output_dir]
+    x = torch.randint(3, 40, (2, 20))
+    logits = {}
+    for combination in ("linear", "ties"):
+        out = tmp_path / f"merged-{combination}"
+        check = merge_runs(runs, [0.7, 0.3], combination, out, log=lambda _: None)
+        assert check["combination"] == combination and check["weights"] == [0.7, 0.3]
+        assert check["max_abs_logit_diff_vs_adapter"] <= MERGE_ATOL and check["max_abs_logit_diff_vs_base"] > 0
+        assert json.loads((out / "peftkit_merge.json").read_text())["runs"] == runs
+        with torch.no_grad():
+            logits[combination] = AutoModelForCausalLM.from_pretrained(out)(x).logits
+            expected = weighted_by_peft(tiny_model_dir, runs, [0.7, 0.3], combination)(x).logits
+        assert (logits[combination] - expected).abs().max() < 1e-4, combination
+    # the combination is honoured: ties (trim to half, elect signs) is not the weighted sum
+    assert (logits["linear"] - logits["ties"]).abs().max() > 1e-3
     with pytest.raises(PeftkitError, match="2 weights for 1 adapters"):
         merge_runs([trained_run.output_dir], [0.5, 0.5], "linear", tmp_path / "x", log=lambda _: None)

@@ -143,12 +143,13 @@ def test_lora_plus_gives_the_b_matrices_a_higher_learning_rate(tiny_model_dir):
     config = MethodConfig(r=4, lora_plus_ratio=16.0)
     model = methods.apply(config, AutoModelForCausalLM.from_pretrained(tiny_model_dir))
     optimizer = methods.optimizer(config, model, lr=1e-3, weight_decay=0.0)
-    b_ids = {id(p) for n, p in model.named_parameters() if "lora_B" in n}
-    for group in optimizer.param_groups:
-        if group["params"] and id(group["params"][0]) in b_ids:
-            assert group["lr"] == pytest.approx(16e-3)
-        elif group["params"]:
-            assert group["lr"] == pytest.approx(1e-3)
+    names = {id(p): n for n, p in model.named_parameters() if p.requires_grad}
+    lrs = [(names[id(p)], group["lr"]) for group in optimizer.param_groups for p in group["params"]]
+    lr_of = dict(lrs)
+    assert sorted(lr_of) == sorted(n for n, _ in lrs) == sorted(names.values())  # each one optimised, once
+    b = {n for n in lr_of if "lora_B" in n}
+    assert b and all(lr_of[n] == pytest.approx(16e-3) for n in b), lr_of
+    assert all(lr_of[n] == pytest.approx(1e-3) for n in set(lr_of) - b), lr_of
     with pytest.raises(PeftkitError, match="LoRA\\+ needs LoRA B matrices"):
         ia3 = MethodConfig(name="ia3", lora_plus_ratio=16.0, target_modules=["k_proj", "v_proj", "down_proj"])
         methods.optimizer(ia3, methods.apply(ia3, AutoModelForCausalLM.from_pretrained(tiny_model_dir)), 1e-3, 0.0)
@@ -197,7 +198,6 @@ def test_qlora_trains_on_a_quantized_base_and_merges_into_its_dequantized_weight
 ):
     from peftkit import models
 
-    pytest.importorskip("bitsandbytes")
     config = dataclasses.replace(
         method_config(tiny_config, "lora", tmp_path),
         model=dataclasses.replace(tiny_config.model, quantization=quantization),

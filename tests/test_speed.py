@@ -4,6 +4,7 @@ import dataclasses
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +15,7 @@ import torch.nn.functional as F
 from peft import LoraConfig, PromptTuningConfig, get_peft_model
 from transformers import AutoModelForCausalLM
 
-from peftkit import Trainer, loss, runtime
+from peftkit import Trainer, loss, models, runtime
 from tests.conftest import make_doc, write_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -93,9 +94,14 @@ def test_default_fast_path_learns_what_the_fp32_reference_learns(tiny_config, tm
     )
     from accelerate.state import AcceleratorState
 
-    fast_report = Trainer(fast, log=lambda _: None).fit()
+    fast_logs, ref_logs = [], []
+    fast_report = Trainer(fast, log=fast_logs.append).fit()
     AcceleratorState._reset_state(reset_partial_state=True)  # the reference runs without mixed precision
-    ref_report = Trainer(reference, log=lambda _: None).fit()
+    ref_report = Trainer(reference, log=ref_logs.append).fit()
+    # the path each run actually took: a silent fallback to the full-logit loss or to fp32 must not pass
+    autocast = "bf16" if models.fast_bf16() else "fp32"  # mixed_precision=auto: bf16 where it is native
+    assert any(line.startswith(f"training forward: chunked loss, {autocast} autocast") for line in fast_logs), fast_logs
+    assert any(line.startswith("training forward: full-logit loss, fp32 autocast") for line in ref_logs), ref_logs
     a, b = losses(tmp_path / "fast"), losses(tmp_path / "ref")
     assert b[-1] < 0.8 * b[0]  # it learned
     assert all(abs(x - y) / y < 0.03 for x, y in zip(a, b, strict=True)), (a, b)
@@ -113,7 +119,8 @@ def test_gradient_checkpointing_changes_memory_not_the_training(tiny_config, tmp
     assert losses(Path(plain.output_dir)) == pytest.approx(losses(tmp_path / "gc"), rel=1e-5)
 
 
-@pytest.mark.skipif(not runtime.compile_wanted("true", torch.nn.Linear(1, 1))[0], reason="needs a C++ compiler")
+# compile_wanted("true") raises where g++ is missing: ask for the compiler itself, or collection fails
+@pytest.mark.skipif(shutil.which(os.environ.get("CXX", "g++")) is None, reason="needs a C++ compiler")
 def test_compiled_layers_train_like_eager_ones(tiny_config, tmp_path):
     eager = dataclasses.replace(with_train(tiny_config, max_steps=4, compile="false"), output_dir=str(tmp_path / "e"))
     compiled = dataclasses.replace(with_train(tiny_config, max_steps=4, compile="true"), output_dir=str(tmp_path / "c"))
@@ -127,9 +134,16 @@ def test_compiled_layers_train_like_eager_ones(tiny_config, tmp_path):
 
 def test_auto_compiles_only_models_big_enough_to_pay_back(tiny_model_dir):
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-    assert runtime.compile_wanted("auto", model) == (False, runtime.compile_wanted("auto", model)[1])
-    assert "50M" in runtime.compile_wanted("auto", model)[1]
-    assert runtime.compile_wanted("false", model)[0] is False
+    too_small = "train.compile=auto: models under 50M parameters run eagerly"
+    assert runtime.compile_wanted("auto", model) == (False, too_small)
+    assert runtime.compile_wanted("false", model) == (False, "train.compile=false")
+    # parameter counts on either side of 50M, on the meta device: nothing allocated, and no C++ compiler needed
+    big = torch.nn.Embedding(runtime.COMPILE_MIN_PARAMS, 1, device="meta")
+    small = torch.nn.Embedding(runtime.COMPILE_MIN_PARAMS - 1, 1, device="meta")
+    assert runtime.COMPILE_MIN_PARAMS == 50_000_000
+    assert runtime.compile_wanted("auto", big) == (True, "")
+    assert runtime.compile_wanted("auto", small) == (False, too_small)
+    assert runtime.compile_wanted("false", big) == (False, "train.compile=false")
 
 
 def test_bench_quick_runs_every_configuration_and_writes_the_json(tiny_model_dir, tmp_path):
