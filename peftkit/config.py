@@ -323,8 +323,8 @@ class EvalConfig:
     diagnostics: bool = _f(True, "memorisation and train/held-out leakage checks in the final report")
     min_domain_gain: float = _f(
         0.05,
-        "relative drop in domain test perplexity the tuned model must reach for the verdict 'helped' (besides an "
-        "interval below 0); why 5%: docs/guard.md",
+        "relative drop in domain test perplexity the tuned model must reach for the verdict 'helped'; why 5%: "
+        "docs/guard.md",
     )
 
     def __post_init__(self):
