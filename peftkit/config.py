@@ -314,7 +314,12 @@ class EvalConfig:
     )
     kl_prompts: bool = _f(True, "measure KL from the base model on a fixed set of general prompts at each evaluation")
     qa_source: str = _f("asset:mmlu", "multiple-choice questions (JSONL: subject, question, choices, answer)")
-    qa_questions: int = _f(0, "questions per group (medical, general) scored base vs tuned at the end; 0 = skip")
+    qa_questions: int | str = _f(
+        0,
+        "questions per group (medical, general) scored base vs tuned at the end; 0 = skip; 'all' = every question "
+        "of the medical MMLU subjects (1,089) and as many of the others (see docs/guard.md for its cost)",
+        choices=("all",),
+    )
     diagnostics: bool = _f(True, "memorisation and train/held-out leakage checks in the final report")
     min_domain_gain: float = _f(
         0.05,
@@ -335,7 +340,11 @@ class EvalConfig:
         )
         _require(0 <= self.min_domain_gain < 1, "eval.min_domain_gain", "must be in [0, 1)")
         _require(self.max_general_kl is None or self.max_general_kl >= 0, "eval.max_general_kl", "must be >= 0 or null")
-        _require(self.qa_questions >= 0, "eval.qa_questions", "must be >= 0")
+        _require(
+            self.qa_questions == "all" or (isinstance(self.qa_questions, int) and self.qa_questions >= 0),
+            "eval.qa_questions",
+            f"must be a number of questions >= 0 or 'all', got {self.qa_questions!r}",
+        )
         _require(self.kshot >= 0, "eval.kshot", "must be >= 0")
         _require(self.prompt_tokens >= 0, "eval.prompt_tokens", "must be >= 0")
         _require(self.underfit_slope > 0, "eval.underfit_slope", "must be > 0")

@@ -9,28 +9,45 @@ report.json is reproduced by `peftkit eval` to the last digit.
 
 from __future__ import annotations
 
+import math
+import time
 from pathlib import Path
 
 from peftkit import assets, data
 from peftkit.dedup import find_leaks
-from peftkit.evaluation import forgetting, qa
+from peftkit.evaluation import bootstrap, forgetting, qa
 from peftkit.evaluation.memorization import memorization
 from peftkit.evaluation.render import read_metrics
-from peftkit.evaluation.report import compare_base_and_tuned, domain_prompt, prompted_baseline, test_sets, underfitting
+from peftkit.evaluation.report import (
+    comparison,
+    domain_prompt,
+    prompted_comparison,
+    prompted_scores,
+    score_base_and_tuned,
+    test_sets,
+    underfitting,
+)
 from peftkit.evaluation.run_report import RunReport
 from peftkit.evaluation.verdict_rules import decide
 
 
 def held_out_comparison(config, model, tokenizer, accelerator, train_texts: list[str], answers=None) -> dict:
-    """Base vs tuned perplexity on the test rows, the prompted baseline and (with `answers`) KL from the base."""
+    """Base vs tuned perplexity on the test rows, the prompted baseline and (with `answers`) KL from the base,
+    each comparison with its paired-bootstrap interval (one scoring pass per model and set, split by row)."""
     sets = test_sets(config, tokenizer)
-    batch = config.eval.batch_size
-    report = compare_base_and_tuned(model, sets, batch, accelerator)
+    batch, seed = config.eval.batch_size, config.seed
+    scores = score_base_and_tuned(model, sets, batch, accelerator)
+    cuts = {name: bootstrap.units(*rows, tokenizer.eos_token_id) for name, rows in sets.items()}
+    report = comparison(scores, cuts, seed)
     prefix = domain_prompt(tokenizer, train_texts, config.eval.prompt_tokens)
     if prefix is not None:
-        report["base_prompted"] = prompted_baseline(model, sets["domain"], prefix, batch, accelerator)
+        prompted = prompted_scores(model, sets["domain"], prefix, batch, accelerator)
+        report["base_prompted"] = prompted_comparison(prompted, scores, cuts["domain"], seed, len(prefix))
     if answers is not None:
-        report["general_kl"] = forgetting.kl_from_base(accelerator.unwrap_model(model), answers, accelerator)
+        sums, tokens = forgetting.kl_per_prompt(accelerator.unwrap_model(model), answers, accelerator)
+        report["general_kl"] = (sums.sum() / max(int(tokens.sum()), 1)).item()
+        report["general_kl_ci95"] = [round(x, 6) for x in bootstrap.ratio_interval(sums.numpy(), tokens.numpy(), seed)]
+        report["bootstrap"]["units"]["kl_prompts"] = len(tokens)
     return report
 
 
@@ -42,6 +59,7 @@ def final_evaluation(
     are computed on the main process only."""
     report = held_out_comparison(config, model, tokenizer, accelerator, training.texts, answers)
     if accelerator.is_main_process:  # diagnostics need no other process; generation runs on one
+        report["cost"] = adapter_cost(run_dir / "adapter")  # written by the main process: read there
         if config.eval.qa_questions:
             report["qa"] = _qa(config, model, tokenizer, accelerator, log)
         if config.eval.diagnostics:
@@ -49,15 +67,35 @@ def final_evaluation(
     return RunReport.from_json(report)
 
 
+def adapter_cost(adapter: Path) -> dict | None:
+    """What the tuned model adds when served unmerged: the adapter's weights on disk and their count."""
+    from safetensors import safe_open
+
+    files = sorted(Path(adapter).glob("*.safetensors"))
+    if not files:
+        return None
+    params = 0
+    for path in files:
+        with safe_open(path, framework="pt") as weights:
+            params += sum(math.prod(weights.get_slice(key).get_shape()) for key in weights.keys())
+    return {"adapter_bytes": sum(path.stat().st_size for path in files), "adapter_params": params}
+
+
 def _qa(config, model, tokenizer, accelerator, log) -> dict:
     ev, seed = config.eval, config.seed
     path = assets.resolve(ev.qa_source, log=log)
     path = path / "mmlu.jsonl" if path.is_dir() else path
-    groups = {name: qa.load_questions(path, medical, ev.qa_questions, seed) for name, medical in _QA_GROUPS}
-    shots = {
-        name: qa.load_questions(path, medical, ev.kshot, seed, skip=ev.qa_questions) for name, medical in _QA_GROUPS
-    }
-    return qa.compare(model, tokenizer, groups, ev.batch_size, accelerator, shots)
+    groups, shots = {}, {}
+    for name, medical in _QA_GROUPS:
+        # with "all": every medical question, and as many of the others (the same power for both groups)
+        count = len(groups["medical"]) if ev.qa_questions == "all" and not medical else ev.qa_questions
+        groups[name], shots[name] = qa.select(path, medical, count, ev.kshot, seed)
+    started = time.perf_counter()
+    result = qa.compare(model, tokenizer, groups, ev.batch_size, accelerator, shots)
+    scored = sum(len(questions) for questions in groups.values())
+    variants = f"base, tuned and {ev.kshot}-shot base" if ev.kshot else "base and tuned"
+    log(f"QA: {scored:,} questions scored ({variants}) in {time.perf_counter() - started:.0f} s")
+    return result
 
 
 _QA_GROUPS = (("medical", True), ("general", False))

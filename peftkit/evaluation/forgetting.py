@@ -93,6 +93,22 @@ def _logprobs(model, answers: dict, device) -> torch.Tensor:
 @torch.no_grad()
 def kl_from_base(model, answers: dict, accelerator=None) -> float:
     """Mean KL(base || tuned) in nats per answer token."""
+    per_token = _kl_per_token(model, answers, accelerator)
+    return (per_token.sum() / max(len(per_token), 1)).item()
+
+
+@torch.no_grad()
+def kl_per_prompt(model, answers: dict, accelerator=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """KL(base || tuned) summed over each prompt's answer tokens (float64), and each answer's token count:
+    the units the final report's interval on the KL resamples."""
+    per_token = _kl_per_token(model, answers, accelerator)
+    counts = answers["target_mask"][:, 1:].sum(dim=1)  # positions predicting an answer token, row by row
+    sums = torch.stack([part.sum() for part in per_token.split(counts.tolist())]) if len(counts) else per_token
+    return sums.double().cpu(), counts.cpu()
+
+
+def _kl_per_token(model, answers: dict, accelerator=None) -> torch.Tensor:
+    """KL(base || tuned) of the next-token distribution at each answer position, prompts in order."""
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -100,5 +116,4 @@ def kl_from_base(model, answers: dict, accelerator=None) -> float:
         tuned = _logprobs(model, answers, device)
     model.train(was_training)
     base = answers["base_logprobs"].to(device)
-    per_token = (base.exp() * (base - tuned)).sum(dim=-1)  # KL at each position predicting the next token
-    return (per_token.sum() / max(len(per_token), 1)).item()
+    return (base.exp() * (base - tuned)).sum(dim=-1)

@@ -40,6 +40,18 @@ def load_questions(path: Path, medical: bool, limit: int, seed: int, skip: int =
     return rows[skip : skip + limit]
 
 
+def select(path: Path, medical: bool, count: int | str, kshot: int, seed: int) -> tuple[list[dict], list[dict]]:
+    """(test questions, k-shot examples) of one group, never sharing a question.
+
+    `count` questions and the next `kshot` of the seeded order as examples; with count="all", every question
+    of the group but the first `kshot`, which are the examples.
+    """
+    if count != "all":
+        return load_questions(path, medical, count, seed), load_questions(path, medical, kshot, seed, skip=count)
+    rows = load_questions(path, medical, 10**9, seed)
+    return rows[kshot:], rows[:kshot]
+
+
 def prompt(question: dict) -> str:
     return f"Question: {question['question'].strip()}\nAnswer:"
 
@@ -99,8 +111,27 @@ def wilson(correct: int, n: int, z: float = 1.96) -> list[float]:
     return [round(centre - half, 4), round(centre + half, 4)]
 
 
-def compare(peft_model, tokenizer, groups: dict[str, list[dict]], batch_size: int = 8, accelerator=None,
-            shots: dict[str, list[dict]] | None = None) -> dict:  # fmt: skip
+def paired_change(after: list[bool], before: list[bool]) -> tuple[float, list[float], float]:
+    """Mean change in accuracy on the same questions, its 95% interval (normal approximation of the paired
+    differences) and its standard error."""
+    n = len(after)
+    diffs = [float(a) - float(b) for a, b in zip(after, before, strict=True)]
+    mean = sum(diffs) / n
+    error = math.sqrt(sum((d - mean) ** 2 for d in diffs) / max(n - 1, 1) / n)
+    return mean, [round(mean - 1.96 * error, 4), round(mean + 1.96 * error, 4)], error
+
+
+DETECTABLE = 1.96 + 0.8416  # z for 5% two-sided plus z for 80% power
+
+
+def compare(
+    peft_model,
+    tokenizer,
+    groups: dict[str, list[dict]],
+    batch_size: int = 8,
+    accelerator=None,
+    shots: dict[str, list[dict]] | None = None,
+) -> dict:
     """Accuracy of base (adapter disabled) and tuned model per group, with 95% intervals, and the
     paired change in accuracy with its 95% interval (same questions for both). With `shots` (solved
     examples per group, never test questions), also the base model's k-shot accuracy: the
@@ -118,19 +149,25 @@ def compare(peft_model, tokenizer, groups: dict[str, list[dict]], batch_size: in
                 kshot = (torch.tensor(picked) == answers).tolist()
         tuned = (torch.tensor(choose(peft_model, tokenizer, questions, batch_size, accelerator)) == answers).tolist()
         n = len(questions)
-        diffs = [float(t) - float(b) for t, b in zip(tuned, base, strict=True)]
-        mean = sum(diffs) / n
-        spread = math.sqrt(sum((d - mean) ** 2 for d in diffs) / max(n - 1, 1) / n)
+        change, interval, error = paired_change(tuned, base)
         result[name] = {
             "questions": n,
             "base_accuracy": sum(base) / n,
             "base_ci95": wilson(sum(base), n),
             "tuned_accuracy": sum(tuned) / n,
             "tuned_ci95": wilson(sum(tuned), n),
-            "change": mean,
-            "change_ci95": [round(mean - 1.96 * spread, 4), round(mean + 1.96 * spread, 4)],
+            "change": change,
+            "change_ci95": interval,
         }
         if examples:
-            result[name].update(kshot=len(examples), kshot_base_accuracy=sum(kshot) / n,
-                                kshot_base_ci95=wilson(sum(kshot), n))  # fmt: skip
+            vs_kshot, vs_kshot_interval, _ = paired_change(tuned, kshot)
+            result[name].update(
+                kshot=len(examples),
+                kshot_base_accuracy=sum(kshot) / n,
+                kshot_base_ci95=wilson(sum(kshot), n),
+                tuned_vs_kshot=vs_kshot,
+                tuned_vs_kshot_ci95=vs_kshot_interval,
+            )
+        result[name]["chance"] = round(sum(1 / len(q["choices"]) for q in questions) / n, 4)
+        result[name]["mde"] = round(DETECTABLE * error, 4)
     return result

@@ -7,10 +7,12 @@ import base64
 import html
 import io
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 from peftkit.errors import PeftkitError
 from peftkit.evaluation.run_report import RunReport, as_run_report, evaluations
+from peftkit.evaluation.verdict_rules import duration, size
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
@@ -56,32 +58,109 @@ def loss_curves_png(records: list[dict], best_step: int | None) -> bytes:
     return buffer.getvalue()
 
 
-def _summary_rows(report: RunReport) -> list[tuple[str, str, str, str]]:
+def _pct(interval: list[float] | None) -> str:
+    return f"[{interval[0]:+.1%}, {interval[1]:+.1%}]" if interval else ""
+
+
+@dataclass(frozen=True)
+class Row:
+    """One comparison of the report's table; an alternative without fine-tuning stands in the base column."""
+
+    metric: str
+    """The row's name in report.md/html and the terminal table."""
+    short: str
+    """Its name in the plain-text table, with `note` after the numbers."""
+    base: str
+    tuned: str
+    change: str
+    interval: str
+    """95% interval of the change."""
+    note: str = ""
+
+    def cells(self) -> tuple[str, str, str, str, str]:
+        return self.metric, self.base, self.tuned, self.change, self.interval
+
+
+def _summary_rows(report: RunReport) -> list[Row]:
     rows = []
-    tuned, change = report.tuned.by_set(), report.change.by_set()
+    tuned, change, tokens = report.tuned.by_set(), report.change.by_set(), report.eval_tokens or {}
+    intervals = report.change_ci95.to_json() if report.change_ci95 else {}
     for name, base in report.base.by_set().items():
-        rows.append((f"{name} ppl", f"{base:.2f}", f"{tuned[name]:.2f}", f"{change[name]:+.1%}"))
+        numbers = (f"{base:.2f}", f"{tuned[name]:.2f}", f"{change[name]:+.1%}", _pct(intervals.get(f"{name}_ppl")))
+        rows.append(Row(f"{name} ppl", f"{name} ppl", *numbers, note=f"{tokens.get(name, '')} tokens scored"))
     prompted = report.base_prompted
     if prompted:
-        change = prompted.domain_ppl / report.base.domain_ppl - 1
-        label = f"domain ppl, base + {prompted.prompt_tokens} domain tokens in the prompt"
-        rows.append((label, f"{prompted.domain_ppl:.2f}", "", f"{change:+.1%}"))
+        metric = f"domain ppl: base + {prompted.prompt_tokens} domain tokens in the prompt"
+        note = f"base with {prompted.prompt_tokens} tokens of domain text in front (no fine-tuning)"
+        if prompted.tuned_change is not None:
+            numbers = (f"{report.tuned.domain_ppl:.2f}", f"{prompted.tuned_change:+.1%}")
+            rows.append(
+                Row(
+                    metric, "domain ppl", f"{prompted.domain_ppl:.2f}", *numbers, _pct(prompted.tuned_change_ci95), note
+                )
+            )
+        else:  # a report from before intervals: the prompt's change against the plain base
+            vs_base = f"{prompted.domain_ppl / report.base.domain_ppl - 1:+.1%}"
+            rows.append(Row(metric, "domain ppl", f"{prompted.domain_ppl:.2f}", "", vs_base, "", note))
     for name, group in (report.qa or {}).items():
+        accuracies = (f"{group.base_accuracy:.1%}", f"{group.tuned_accuracy:.1%}", f"{group.change:+.1%}")
+        detects = f", detects {group.mde:.0%}" if group.mde else ""
+        note = f"{group.questions} questions{detects}"
         rows.append(
-            (
+            Row(
                 f"{name} QA accuracy (n={group.questions})",
-                f"{group.base_accuracy:.1%}",
-                f"{group.tuned_accuracy:.1%}",
-                f"{group.change:+.1%}",
+                f"{name} QA acc",
+                *accuracies,
+                _pct(group.change_ci95),
+                note,
             )
         )
         if group.kshot_base_accuracy is not None:
-            gain = group.kshot_base_accuracy - group.base_accuracy
-            label = f"{name} QA accuracy, base {group.kshot}-shot"
-            rows.append((label, f"{group.kshot_base_accuracy:.1%}", "", f"{gain:+.1%}"))
+            metric = f"{name} QA accuracy: base {group.kshot}-shot"
+            note = f"base with {group.kshot} solved examples in the prompt (no fine-tuning)"
+            kshot = f"{group.kshot_base_accuracy:.1%}"
+            if group.tuned_vs_kshot is not None:
+                versus = (
+                    f"{group.tuned_accuracy:.1%}",
+                    f"{group.tuned_vs_kshot:+.1%}",
+                    _pct(group.tuned_vs_kshot_ci95),
+                )
+                rows.append(Row(metric, f"{name} QA acc", kshot, *versus, note))
+            else:
+                gain = f"{group.kshot_base_accuracy - group.base_accuracy:+.1%}"
+                rows.append(Row(metric, f"{name} QA acc", kshot, "", gain, "", note))
     if report.general_kl is not None:
-        rows.append(("KL from base on general prompts", "0", f"{report.general_kl:.4f}", ""))
+        interval = report.general_kl_ci95
+        spread = f"[{interval[0]:.4f}, {interval[1]:.4f}]" if interval else ""
+        numbers = ("0", f"{report.general_kl:.4f}", "", spread)
+        rows.append(Row("KL from base on general prompts", "KL from base", *numbers, "nats/token, general prompts"))
     return rows
+
+
+def cost_line(report: RunReport) -> str:
+    """What the tuned model costs to train and to serve, in one line ("" when the report does not say)."""
+    parts, training = [], report.training
+    if training and training.train_seconds is not None:
+        seconds = training.train_seconds + (training.first_step_s or 0.0)
+        parts.append(f"training {duration(seconds)} on {training.train_tokens or 0:,} tokens")
+    if report.cost:
+        params = f" ({report.cost.adapter_params:,} parameters)" if report.cost.adapter_params else ""
+        parts.append(
+            f"serving unmerged: the base model plus a {size(report.cost.adapter_bytes)} adapter{params}; "
+            "merged: the base model's size and speed"
+        )
+    return "; ".join(parts)
+
+
+def _verdict_lines(report: RunReport) -> list[str]:
+    """The verdict, its reasons ('*' marks those that decided) and the cost, as lines of text."""
+    verdict = report.verdict
+    if verdict is None:
+        return []
+    deciding = set(verdict.deciding or [])
+    lines = [f"verdict: {verdict.summary}"]  # the summary says the outcome: helped, mixed or did not pay off
+    lines += [f"  {'*' if reason in deciding else '-'} {reason}" for reason in verdict.reasons]
+    return lines + ([f"cost: {cost_line(report)}"] if cost_line(report) else [])
 
 
 def data_summary(report: RunReport | dict) -> str:
@@ -119,24 +198,30 @@ def write_report_files(run_dir: Path) -> tuple[Path, Path]:
     verdict = report.verdict
     summary_line = verdict.summary if verdict else "n/a"
     reasons = verdict.reasons if verdict else []
-    rows = _summary_rows(report)
+    deciding = set(verdict.deciding or []) if verdict else set()
+    rows = [row.cells() for row in _summary_rows(report)]
+    cost = cost_line(report)
     config = (run_dir / "config.yaml").read_text() if (run_dir / "config.yaml").exists() else ""
     kept, stop_reason = _kept_checkpoint(report)
     summary = data_summary(report)
 
     md = [f"# peftkit report: {run_dir.name}", "", f"**Verdict: {summary_line}**", ""]
-    md += [f"- {reason}" for reason in reasons]
-    md += ["", "| metric | base | tuned | change |", "|---|---|---|---|"]
+    md += [f"- **{reason}**" if reason in deciding else f"- {reason}" for reason in reasons]
+    md += ["", "| metric | base | tuned | change | 95% CI |", "|---|---|---|---|---|"]
     md += [f"| {' | '.join(row)} |" for row in rows]
     md += ["", f"Kept checkpoint: {kept}; {stop_reason}.", "", f"Data: {summary}", ""]
+    md += [f"Cost: {cost}", ""] if cost else []
     md += ["![loss curves](loss_curves.png)", "", "## Config", "", "```yaml", config.strip(), "```", ""]
     md_path = run_dir / "report.md"
     md_path.write_text("\n".join(md))
 
     image = base64.b64encode(png).decode()
     table = "".join(f"<tr>{''.join(f'<td>{html.escape(c)}</td>' for c in row)}</tr>" for row in rows)
-    items = "".join(f"<li>{html.escape(r)}</li>" for r in reasons)
-    colour = "#2e933c" if verdict and verdict.helped else "#d1495b"
+    items = "".join(
+        f"<li><b>{html.escape(r)}</b></li>" if r in deciding else f"<li>{html.escape(r)}</li>" for r in reasons
+    )
+    colours = {"helped": "#2e933c", "mixed": "#c98a00"}
+    colour = colours.get(verdict.outcome or ("helped" if verdict.helped else ""), "#d1495b") if verdict else "#d1495b"
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>peftkit report: {html.escape(run_dir.name)}</title>
 <style>body{{font-family:system-ui,sans-serif;max-width:52em;margin:2em auto;padding:0 1em}}
 table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:.3em .7em;text-align:right}}
@@ -144,10 +229,11 @@ td:first-child{{text-align:left}}.verdict{{color:{colour};font-size:1.2em;font-w
 pre{{background:#f6f6f6;padding:1em;overflow:auto}}</style></head><body>
 <h1>peftkit report: {html.escape(run_dir.name)}</h1>
 <p class="verdict">{html.escape(summary_line)}</p><ul>{items}</ul>
-<table><tr><th>metric</th><th>base</th><th>tuned</th><th>change</th></tr>{table}</table>
+<table><tr><th>metric</th><th>base</th><th>tuned</th><th>change</th><th>95% CI</th></tr>{table}</table>
 <p>Kept checkpoint: {kept};
 {html.escape(stop_reason)}.</p>
 <p>Data: {html.escape(summary)}</p>
+<p>Cost: {html.escape(cost or "n/a")}</p>
 <img alt="loss curves" src="data:image/png;base64,{image}">
 <h2>Config</h2><pre>{html.escape(config)}</pre></body></html>"""
     html_path = run_dir / "report.html"
@@ -163,48 +249,26 @@ def print_report(report: RunReport | dict, file=None) -> None:
     report = as_run_report(report)
     console = Console(file=file, width=120 if file else None)
     table = Table(title="held-out comparison (base vs tuned)", title_justify="left")
-    for column, justify in (("metric", "left"), ("base", "right"), ("tuned", "right"), ("change", "right")):
+    columns = (("metric", "left"), ("base", "right"), ("tuned", "right"), ("change", "right"), ("95% CI", "right"))
+    for column, justify in columns:
         table.add_column(column, justify=justify)
     for row in _summary_rows(report):
-        table.add_row(*row)
+        table.add_row(*row.cells())
     console.print(table)
     verdict = report.verdict
     if verdict:
         style = "bold green" if verdict.recommend == "tuned" else "bold yellow"
-        console.print(f"verdict: {verdict.summary}", style=style)
-        for reason in verdict.reasons:
-            console.print(f"  - {reason}", highlight=False)
+        first, *rest = _verdict_lines(report)
+        console.print(first, style=style)
+        for line in rest:
+            console.print(line, highlight=False)
 
 
 def format_report(report: RunReport | dict) -> str:
     """The comparison and the verdict as a plain-text table (the trainer's log at the end of a run)."""
     report = as_run_report(report)
-    lines = [f"{'':<14}{'base':>10}{'tuned':>10}{'change':>9}   tokens scored"]
-    tuned, change, tokens = report.tuned.by_set(), report.change.by_set(), report.eval_tokens or {}
-    for name, base in report.base.by_set().items():
-        lines.append(f"{name + ' ppl':<14}{base:>10.2f}{tuned[name]:>10.2f}{change[name]:>+9.1%}   {tokens[name]}")
-    prompted = report.base_prompted
-    if prompted:
-        gain = prompted.domain_ppl / report.base.domain_ppl - 1
-        lines.append(
-            f"{'domain ppl':<14}{prompted.domain_ppl:>10.2f}{'':>10}{gain:>+9.1%}   "
-            f"base with {prompted.prompt_tokens} tokens of domain text in front (no fine-tuning)"
-        )
-    for name, group in (report.qa or {}).items():
-        label = f"{name} QA acc"
-        lines.append(
-            f"{label:<14}{group.base_accuracy:>10.1%}{group.tuned_accuracy:>10.1%}"
-            f"{group.change:>+9.1%}   {group.questions} questions"
-        )
-        if group.kshot_base_accuracy is not None:
-            lines.append(
-                f"{label:<14}{group.kshot_base_accuracy:>10.1%}{'':>10}"
-                f"{group.kshot_base_accuracy - group.base_accuracy:>+9.1%}   "
-                f"base with {group.kshot} solved examples in the prompt (no fine-tuning)"
-            )
-    if report.general_kl is not None:
-        lines.append(f"{'KL from base':<14}{0:>10}{report.general_kl:>10.4f}{'':>9}   nats/token, general prompts")
-    if report.verdict is not None:
-        lines.append(f"verdict: {report.verdict.summary}")
-        lines.extend(f"  - {reason}" for reason in report.verdict.reasons)
-    return "\n".join(lines)
+    lines = [f"{'':<14}{'base':>10}{'tuned':>10}{'change':>9}   {'95% CI':<18}"]
+    for row in _summary_rows(report):
+        numbers = f"{row.short:<14}{row.base:>10}{row.tuned:>10}{row.change:>9}   {row.interval:<18}"
+        lines.append(f"{numbers} {row.note}".rstrip())
+    return "\n".join(lines + _verdict_lines(report))

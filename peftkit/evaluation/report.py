@@ -8,7 +8,8 @@ from contextlib import nullcontext
 import torch
 
 from peftkit import data
-from peftkit.evaluation.perplexity import nll, perplexity
+from peftkit.evaluation import bootstrap
+from peftkit.evaluation.perplexity import nll_rows, perplexity
 from peftkit.evaluation.render import format_report  # noqa: F401 (re-exported: it lived here)
 from peftkit.evaluation.verdict_rules import decide
 
@@ -24,25 +25,54 @@ def test_sets(config, tokenizer) -> dict[str, tuple[torch.Tensor, torch.Tensor]]
     return sets
 
 
+Scores = tuple[torch.Tensor, torch.Tensor]  # per-row NLL sums and scored tokens (`perplexity.nll_rows`)
+
+
+def score_base_and_tuned(model, sets: dict[str, Scores], batch_size: int, accelerator=None) -> dict[str, dict]:
+    """Per-row NLL sums and token counts of the base model (adapter disabled) and the tuned model on each
+    named row set: {"base": {"<set>": (sums, tokens)}, "tuned": {..}}."""
+    peft_model = accelerator.unwrap_model(model) if accelerator else model
+    scores: dict = {"base": {}, "tuned": {}}
+    for variant in ("base", "tuned"):
+        with peft_model.disable_adapter() if variant == "base" else nullcontext():
+            for name, (input_ids, labels) in sets.items():
+                scores[variant][name] = nll_rows(peft_model, input_ids, labels, batch_size, accelerator)
+    return scores
+
+
+def comparison(scores: dict[str, dict], cuts: dict[str, bootstrap.Units], seed: int) -> dict:
+    """Perplexities, their relative change tuned / base - 1 and its paired-bootstrap interval per set, from
+    `score_base_and_tuned`'s per-row scores; `cuts`: each set's resampling units (`bootstrap.units`)."""
+    report: dict = {"base": {}, "tuned": {}, "change": {}, "change_ci95": {}, "eval_tokens": {}}
+    for name, (_, tokens) in scores["base"].items():
+        for variant in ("base", "tuned"):
+            sums, _ = scores[variant][name]
+            report[variant][f"{name}_ppl"] = perplexity(sums.sum().item(), int(tokens.sum()))
+        report["eval_tokens"][name] = int(tokens.sum())
+        report["change"][f"{name}_ppl"] = report["tuned"][f"{name}_ppl"] / report["base"][f"{name}_ppl"] - 1
+        interval = bootstrap.paired_change(scores["base"][name], scores["tuned"][name], cuts[name], seed)
+        report["change_ci95"][f"{name}_ppl"] = interval
+    report["bootstrap"] = {
+        "method": "paired studentized bootstrap over blocks of consecutive test rows",
+        "resamples": bootstrap.RESAMPLES,
+        "level": bootstrap.LEVEL,
+        "seed": seed,
+        "units": {name: cut.count for name, cut in cuts.items()},
+        "rows_per_unit": {name: cut.rows_per_unit for name, cut in cuts.items()},
+    }
+    return report
+
+
 def compare_base_and_tuned(
-    model, sets: dict[str, tuple[torch.Tensor, torch.Tensor]], batch_size: int, accelerator=None
+    model, sets: dict[str, Scores], batch_size: int, accelerator=None, seed: int = 0, eos_token_id: int | None = None
 ) -> dict:
     """Perplexity of the base model (adapter disabled) and the tuned model on each named row set.
 
     Returns {"base": {"<set>_ppl": ..}, "tuned": {..}, "change": {"<set>_ppl": relative change},
-    "eval_tokens": {"<set>": scored tokens}}.
+    "change_ci95": {"<set>_ppl": [low, high]}, "eval_tokens": {"<set>": scored tokens}, "bootstrap": {..}}.
     """
-    peft_model = accelerator.unwrap_model(model) if accelerator else model
-    report: dict = {"base": {}, "tuned": {}, "change": {}, "eval_tokens": {}}
-    for variant in ("base", "tuned"):
-        with peft_model.disable_adapter() if variant == "base" else nullcontext():
-            for name, (input_ids, labels) in sets.items():
-                total, tokens = nll(peft_model, input_ids, labels, batch_size, accelerator)
-                report[variant][f"{name}_ppl"] = perplexity(total, tokens)
-                report["eval_tokens"][name] = tokens
-    for key, base in report["base"].items():
-        report["change"][key] = report["tuned"][key] / base - 1
-    return report
+    cuts = {name: bootstrap.units(*rows, eos_token_id) for name, rows in sets.items()}
+    return comparison(score_base_and_tuned(model, sets, batch_size, accelerator), cuts, seed)
 
 
 def domain_prompt(tokenizer, train_docs: list[str], tokens: int) -> torch.Tensor | None:
@@ -58,10 +88,9 @@ def domain_prompt(tokenizer, train_docs: list[str], tokens: int) -> torch.Tensor
     return torch.cat(pieces)[:tokens]
 
 
-def prompted_baseline(model, rows: tuple[torch.Tensor, torch.Tensor], prefix: torch.Tensor, batch_size: int,
-                      accelerator=None) -> dict:  # fmt: skip
+def prompted_scores(model, rows: Scores, prefix: torch.Tensor, batch_size: int, accelerator=None) -> Scores:
     """The no-fine-tuning alternative for perplexity: the base model (adapter disabled) scores the same
-    tokens as the plain evaluation, with `prefix` (domain text) in front of every row as context."""
+    tokens as the plain evaluation, with `prefix` (domain text) in front of every row as context; per row."""
     peft_model = accelerator.unwrap_model(model) if accelerator else model
     input_ids, labels = rows
     n, p = len(input_ids), len(prefix)
@@ -69,8 +98,25 @@ def prompted_baseline(model, rows: tuple[torch.Tensor, torch.Tensor], prefix: to
     y = torch.cat([torch.full((n, p), data.IGNORE_INDEX), labels], dim=1)
     y[:, p] = data.IGNORE_INDEX  # a row's first token has no context in the plain evaluation: not scored there either
     with peft_model.disable_adapter():
-        total, tokens = nll(peft_model, x, y, batch_size, accelerator)
-    return {"domain_ppl": perplexity(total, tokens), "prompt_tokens": p, "tokens": tokens}
+        return nll_rows(peft_model, x, y, batch_size, accelerator)
+
+
+def prompted_comparison(prompted: Scores, scores: dict[str, dict], cut: bootstrap.Units, seed: int, p: int) -> dict:
+    """The prompted baseline's perplexity, against the plain base and the tuned model, with paired intervals."""
+    sums, tokens = prompted
+    ppl = perplexity(sums.sum().item(), int(tokens.sum()))
+    base, tuned = scores["base"]["domain"], scores["tuned"]["domain"]
+    base_ppl = perplexity(base[0].sum().item(), int(base[1].sum()))
+    tuned_ppl = perplexity(tuned[0].sum().item(), int(tuned[1].sum()))
+    return {
+        "domain_ppl": ppl,
+        "prompt_tokens": p,
+        "tokens": int(tokens.sum()),
+        "change": ppl / base_ppl - 1,
+        "change_ci95": bootstrap.paired_change(base, prompted, cut, seed),
+        "tuned_change": tuned_ppl / ppl - 1,
+        "tuned_change_ci95": bootstrap.paired_change(prompted, tuned, cut, seed),
+    }
 
 
 def underfitting(records: list[dict], ev) -> dict:
