@@ -75,6 +75,22 @@ def pretrain_on_general_text(model, tokenizer, steps: int = 150) -> None:
         optimizer.zero_grad()
 
 
+MEDICAL_OPTION, GENERAL_OPTION = "aspirin and recovered .", "the river flows to the sea"
+
+
+def picked_qa_file(path: Path, medical_answers: list[int], general_answers: list[int]) -> Path:
+    """Two-option QA questions whose picks are fixed by the models: the tiny base model, pretrained on general
+    text only, picks the general sentence (option 1) for every question; LoRA-trained on the medical corpus for
+    the default 12 steps it picks the medical one (option 0). The answer keys then fix every accuracy exactly,
+    and base and tuned accuracies differ wherever a key holds both options."""
+    rng = random.Random(0)
+    groups = (("anatomy", medical_answers), ("sociology", general_answers))
+    rows = [{"subject": subject, "question": f"{rng.choice(SUBJECTS)} {rng.choice(VERBS)}", "answer": answer,
+             "choices": [MEDICAL_OPTION, GENERAL_OPTION]} for subject, answers in groups for answer in answers]  # fmt: skip
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
 def write_jsonl(path: Path, texts: list[str]) -> Path:
     path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
     return path

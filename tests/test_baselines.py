@@ -15,6 +15,7 @@ from peftkit.config import EvalConfig
 from peftkit.errors import PeftkitError
 from peftkit.evaluation import qa
 from peftkit.evaluation.report import underfitting, verdict
+from tests.conftest import picked_qa_file
 
 
 def with_changes(config, **sections):
@@ -71,18 +72,34 @@ def test_kshot_examples_never_include_test_questions(tmp_path):
 
 
 def test_report_has_the_no_fine_tuning_baselines_and_the_verdict_names_the_best_option(tiny_config, tmp_path):
-    config = with_changes(tiny_config, train={"max_steps": 6},
-                          eval={"qa_source": str(qa_file(tmp_path)), "qa_questions": 6, "kshot": 2, "prompt_tokens": 24})  # fmt: skip
+    # fixed picks (picked_qa_file): base and k-shot base the general option, tuned the medical one; 6 test
+    # questions and 2 examples per group, one answer per group, so the k-shot sample cannot move the counts
+    questions = picked_qa_file(tmp_path / "qa.jsonl", [0] * 8, [1] * 8)
+    config = with_changes(
+        tiny_config, eval={"qa_source": str(questions), "qa_questions": 6, "kshot": 2, "prompt_tokens": 24}
+    )
     report = Trainer(config, log=lambda _: None).fit()
     prompted = report["base_prompted"]
     assert prompted["prompt_tokens"] == 24 and prompted["tokens"] == report["eval_tokens"]["domain"]
     assert prompted["domain_ppl"] != report["base"]["domain_ppl"]  # the context changed the base model's scores
-    for group in report["qa"].values():
-        assert group["kshot"] == 2 and 0 <= group["kshot_base_accuracy"] <= 1
-    options = report["verdict"]["options"]
-    assert set(options) == {"base", "base_kshot", "tuned"} and "medical_qa" in options["base_kshot"]
-    assert report["verdict"]["recommend"] in options
-    assert any("no fine-tuning" in r for r in report["verdict"]["reasons"])
+    for name, (base, tuned) in {"medical": (0.0, 1.0), "general": (1.0, 0.0)}.items():
+        group = report["qa"][name]
+        assert group["kshot"] == 2 and group["questions"] == 6
+        # the k-shot base scored with the adapter on, or the base without its examples' context, would differ
+        assert (group["base_accuracy"], group["kshot_base_accuracy"], group["tuned_accuracy"]) == (base, base, tuned)
+        assert group["change"] == group["tuned_vs_kshot"] == tuned - base
+    verdict = report["verdict"]
+    assert verdict["options"] == {
+        "base": {"domain_ppl": report["base"]["domain_ppl"], "medical_qa": 0.0, "general_qa": 1.0},
+        "tuned": {"domain_ppl": report["tuned"]["domain_ppl"], "medical_qa": 1.0, "general_qa": 0.0},
+        "base_kshot": {"domain_ppl": prompted["domain_ppl"], "medical_qa": 0.0, "general_qa": 1.0},
+    }
+    # the base answers general QA well above chance and the tuned model loses all of it: a significant loss
+    # against a domain gain, so the outcome is mixed and the base is kept; the domain prompt does not beat it
+    assert report["tuned"]["domain_ppl"] < report["base"]["domain_ppl"] < prompted["domain_ppl"]
+    assert (verdict["outcome"], verdict["recommend"]) == ("mixed", "base"), verdict["summary"]
+    assert any(r.startswith("general QA accuracy 100.0% -> 0.0%") for r in verdict["deciding"])
+    assert any("no fine-tuning" in r for r in verdict["reasons"])
 
 
 def test_verdict_prefers_the_prompted_base_when_it_does_as_well_as_the_tuned_model():

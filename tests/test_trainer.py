@@ -11,6 +11,7 @@ from transformers import AutoModelForCausalLM
 from peftkit import PeftkitError, Trainer, checkpoint
 from peftkit.data import eval_rows, load_split
 from peftkit.evaluation import nll
+from tests.conftest import picked_qa_file
 
 
 def adapter_weights(run_dir, name="adapter"):
@@ -210,20 +211,20 @@ def test_planted_duplicates_are_reported_as_leakage(tiny_config, corpus_dir, tmp
 
 
 def test_report_carries_qa_for_both_groups(tiny_config, tmp_path):
-    rng = __import__("random").Random(0)
-    questions = tmp_path / "qa.jsonl"
-    rows = [{"subject": subject, "question": "the patient received", "answer": rng.randrange(4),
-             "choices": ["aspirin", "the river", "insulin and recovered .", "music"]}
-            for subject in ["anatomy"] * 6 + ["sociology"] * 6]  # fmt: skip
-    questions.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    # answer keys against fixed picks (base: option 1, tuned: option 0, see picked_qa_file): scoring the base
+    # with the adapter still on, or the tuned model without it, moves every one of these numbers
+    questions = picked_qa_file(tmp_path / "qa.jsonl", [0, 0, 0, 1, 1], [1, 1, 1, 1, 0])
     config = dataclasses.replace(
-        with_train(tiny_config, max_steps=4),
-        eval=dataclasses.replace(tiny_config.eval, qa_source=str(questions), qa_questions=5),
+        tiny_config, eval=dataclasses.replace(tiny_config.eval, qa_source=str(questions), qa_questions=5)
     )
     report = Trainer(config, log=lambda _: None).fit()
     assert set(report["qa"]) == {"medical", "general"}
-    assert report["qa"]["medical"]["questions"] == 5 and 0 <= report["qa"]["general"]["tuned_accuracy"] <= 1
-    assert any("medical QA accuracy" in reason for reason in report["verdict"]["reasons"])
+    medical, general = report["qa"]["medical"], report["qa"]["general"]
+    assert medical["questions"] == general["questions"] == 5 and medical["chance"] == general["chance"] == 0.5
+    assert (medical["base_accuracy"], medical["tuned_accuracy"]) == (2 / 5, 3 / 5), medical
+    assert (general["base_accuracy"], general["tuned_accuracy"]) == (4 / 5, 1 / 5), general
+    assert medical["change"] == pytest.approx(0.2) and general["change"] == pytest.approx(-0.6)
+    assert any("medical QA accuracy 40.0% -> 60.0%" in reason for reason in report["verdict"]["reasons"])
 
 
 def test_tensorboard_events_carry_the_metrics(tiny_config):
