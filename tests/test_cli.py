@@ -73,10 +73,43 @@ def test_train_eval_merge_from_the_cli(tiny_config, tmp_path):
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("--- adapter0\n")
 
-    (out / "report.html").unlink()
+    for name in ("report.md", "report.html", "loss_curves.png"):
+        (out / name).unlink()
     result = run("-m", "peftkit.cli", "report", str(out))
     assert result.returncode == 0, result.stderr
-    assert (out / "report.html").exists() and "domain ppl" in result.stdout
+    assert "domain ppl" in result.stdout
+    assert_report_pages_say(out, json.loads((out / "report.json").read_text()))
+
+
+def assert_report_pages_say(run_dir, report):
+    """report.md and report.html carry the report's verdict, every reason (the deciding ones in bold), the
+    base/tuned numbers, the kept step, the config and the loss curves, not only a title."""
+    import base64
+    import html
+    import re
+
+    md, page = (run_dir / "report.md").read_text(), (run_dir / "report.html").read_text()
+    verdict, png = report["verdict"], (run_dir / "loss_curves.png").read_bytes()
+    assert png.startswith(b"\x89PNG") and verdict["reasons"] and verdict["deciding"]
+    assert f"**Verdict: {verdict['summary']}**" in md and html.escape(verdict["summary"]) in page
+    for reason in verdict["reasons"]:
+        bold = reason in verdict["deciding"]
+        assert (f"- **{reason}**" if bold else f"- {reason}\n") in md, reason
+        assert (f"<li><b>{html.escape(reason)}</b></li>" if bold else f"<li>{html.escape(reason)}</li>") in page
+    for name in ("domain", "general"):
+        base, tuned = report["base"][f"{name}_ppl"], report["tuned"][f"{name}_ppl"]
+        low, high = report["change_ci95"][f"{name}_ppl"]
+        change = report["change"][f"{name}_ppl"]
+        cells = [f"{name} ppl", f"{base:.2f}", f"{tuned:.2f}", f"{change:+.1%}", f"[{low:+.1%}, {high:+.1%}]"]
+        assert f"| {' | '.join(cells)} |" in md, cells
+        assert "<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in cells) + "</tr>" in page, cells
+    kept = f"Kept checkpoint: step {report['adapter_step']} of {report['final_step']}"  # the training side: top level
+    assert kept in md and kept in page
+    config = (run_dir / "config.yaml").read_text().strip()
+    assert f"```yaml\n{config}\n```" in md and html.escape(config) in page
+    assert "![loss curves](loss_curves.png)" in md
+    [embedded] = re.findall(r'src="data:image/png;base64,([^"]+)"', page)
+    assert base64.b64decode(embedded) == png
 
 
 def test_cross_validation_trains_one_adapter_per_fold(tiny_config, tmp_path):
