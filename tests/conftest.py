@@ -91,6 +91,17 @@ def picked_qa_file(path: Path, medical_answers: list[int], general_answers: list
     return path
 
 
+def load_script(name: str):
+    """A scripts/ file (no .py suffix) as a module, to test its pieces without running it."""
+    import importlib.util
+    from importlib.machinery import SourceFileLoader
+
+    loader = SourceFileLoader(name, str(Path(__file__).resolve().parents[1] / "scripts" / name))
+    module = importlib.util.module_from_spec(importlib.util.spec_from_loader(name, loader))
+    loader.exec_module(module)
+    return module
+
+
 def write_jsonl(path: Path, texts: list[str]) -> Path:
     path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
     return path

@@ -16,7 +16,7 @@ from peft import LoraConfig, PromptTuningConfig, get_peft_model
 from transformers import AutoModelForCausalLM
 
 from peftkit import Trainer, loss, models, runtime
-from tests.conftest import make_doc, write_jsonl
+from tests.conftest import load_script, make_doc, write_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -159,12 +159,47 @@ def test_bench_quick_runs_every_configuration_and_writes_the_json(tiny_model_dir
     report = json.loads((tmp_path / "out" / "bench.json").read_text())
     for key in ("ratio_c_over_a", "ratio_c_over_b", "mfu_c", "peak_rss_mb_c", "loss_rel_diff_c_vs_a"):
         assert isinstance(report[key], float | int) and report[key] >= 0, key
+    # the loss tolerance is enforced, not only written down: C and C+gc within 2% of A, and the exit status says so
+    parity = report["loss_parity"]
+    assert parity["tolerance"] == report["loss_tolerance"] == 0.02 and set(parity["rel_diff_vs_a"]) == {"C", "C+gc"}
+    assert parity["passed"] and parity["rel_diff_vs_a"]["C"] == report["loss_rel_diff_c_vs_a"] <= 0.02, parity
+    assert "tolerance 2%): passed" in (tmp_path / "out" / "bench.md").read_text()
     assert set(report["configs"]) == {"A", "B", "C", "C+gc"}
     for row in report["configs"].values():
         assert row["tokens_per_s"] > 0 and row["peak_rss_mb"] > 0 and row["steps"] >= 2
     assert report["configs"]["A"]["padding_share"] > 0.2  # A pads every document to seq_len
     assert report["configs"]["C"]["padding_share"] == 0
     assert "| C |" in (tmp_path / "out" / "bench.md").read_text()
+
+
+def test_bench_fails_when_a_peftkit_configuration_diverges_from_a(capsys):
+    bench = load_script("bench")
+    rows = {"A": {"heldout_loss": 3.0}, "B": {"heldout_loss": 9.0}, "C": {"heldout_loss": 3.03}}
+    rows["C+gc"] = {"heldout_loss": 3.09}  # 3% from A's
+    parity = bench.loss_parity(rows, 0.02)
+    assert parity["rel_diff_vs_a"] == pytest.approx({"C": 0.01, "C+gc": 0.03}) and parity["failed"] == ["C+gc"]
+    assert bench.exit_status({"loss_parity": parity}) == 1 and "FAILED" in capsys.readouterr().err
+    rows["C+gc"]["heldout_loss"] = float("nan")  # a diverged run scores NaN: that fails too
+    assert bench.loss_parity(rows, 0.02)["failed"] == ["C+gc"]
+    rows["C+gc"]["heldout_loss"] = 2.97  # better or worse, 1% either way is within tolerance (B is not judged)
+    assert (
+        bench.loss_parity(rows, 0.02)["passed"] and bench.exit_status({"loss_parity": parity | {"passed": True}}) == 0
+    )
+    assert bench.loss_parity({"B": rows["B"], "C": rows["C"]}, 0.02) is None  # nothing to compare with
+
+
+def test_bench_data_compares_the_rows_exactly(tmp_path):
+    import numpy as np
+
+    bench_data = load_script("bench_data")
+    rows = {part: np.arange(64, dtype=np.int64).reshape(4, 16) for part in ("ids", "labels", "positions")}
+    np.savez(tmp_path / "a.npz", **rows)
+    np.savez(tmp_path / "b.npz", **rows)
+    assert bench_data.first_difference(tmp_path / "a.npz", tmp_path / "b.npz") is None
+    swapped = rows["ids"].copy()
+    swapped[2, [3, 4]] = swapped[2, [4, 3]]  # the same tokens, the same sums: a checksum of sums cannot see it
+    np.savez(tmp_path / "b.npz", **{**rows, "ids": swapped})
+    assert bench_data.first_difference(tmp_path / "a.npz", tmp_path / "b.npz") == "ids row 2, token 3: 35 vs 36"
 
 
 def test_cross_entropy_reference_shape():

@@ -204,7 +204,8 @@ def test_bench_data_quick_compares_both_ways_on_the_same_rows(tiny_model_dir, tm
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])
     [run] = report["runs"]
-    assert run["on"]["tokens"] == run["off"]["tokens"] > 100_000  # the script also checks the rows agree
+    assert run["on"]["tokens"] == run["off"]["tokens"] > 100_000
+    assert run["rows_identical"] is True  # ids, labels and positions compared exactly (else the script fails)
     assert run["on"]["peak_rss_mb"] > 0 and run["off"]["prepare_s"] > 0
 
 
