@@ -321,6 +321,11 @@ class EvalConfig:
         choices=("all",),
     )
     diagnostics: bool = _f(True, "memorisation and train/held-out leakage checks in the final report")
+    serving_tokens: int = _f(
+        8,
+        "serving cost in the final report: ms per token of greedy decoding this many tokens on 3 fixed prompts, "
+        "adapter unmerged vs merged (seconds on a 135M model); 0 = skip",
+    )
     min_domain_gain: float = _f(
         0.05,
         "relative drop in domain test perplexity the tuned model must reach for the verdict 'helped'; why 5%: "
@@ -346,6 +351,7 @@ class EvalConfig:
             f"must be a number of questions >= 0 or 'all', got {self.qa_questions!r}",
         )
         _require(self.kshot >= 0, "eval.kshot", "must be >= 0")
+        _require(self.serving_tokens >= 0, "eval.serving_tokens", "must be >= 0")
         _require(self.prompt_tokens >= 0, "eval.prompt_tokens", "must be >= 0")
         _require(self.underfit_slope > 0, "eval.underfit_slope", "must be > 0")
 

@@ -28,6 +28,7 @@ from peftkit.evaluation.report import (
     underfitting,
 )
 from peftkit.evaluation.run_report import RunReport
+from peftkit.evaluation.serving import serving_latency
 from peftkit.evaluation.verdict_rules import decide
 
 
@@ -64,6 +65,10 @@ def final_evaluation(
             report["qa"] = _qa(config, model, tokenizer, accelerator, log)
         if config.eval.diagnostics:
             report["diagnostics"] = _diagnostics(config, model, tokenizer, training, run_dir, best_step)
+        if config.eval.serving_tokens and report["cost"] is not None:  # last: its copy of the model is then free
+            report["cost"]["serving"] = serving_latency(
+                accelerator.unwrap_model(model), tokenizer, config.eval.serving_tokens, accelerator=accelerator
+            )
     return RunReport.from_json(report)
 
 

@@ -66,40 +66,106 @@ def choose(
     model, tokenizer, questions: list[dict], batch_size: int = 8, accelerator=None, shots: str = ""
 ) -> list[int]:
     """Index of the option each question's highest mean log-probability picks (`shots`: solved examples first)."""
-    pairs = []  # (question index, option index, prompt ids, option ids)
-    for qi, q in enumerate(questions):
+    return option_scores(model, tokenizer, questions, batch_size, accelerator, shots).argmax(dim=1).tolist()
+
+
+@torch.no_grad()
+def option_scores(
+    model, tokenizer, questions: list[dict], batch_size: int = 8, accelerator=None, shots: str = ""
+) -> torch.Tensor:
+    """Mean log-probability of each option's tokens after its question's prompt: (questions, options), -inf
+    where a question has fewer options. `batch_size` questions share a forward pass."""
+    items = []  # (prompt ids, [option ids, ...]) per question
+    for q in questions:
         context = tokenizer(shots + prompt(q), add_special_tokens=False)["input_ids"]
-        for oi, option in enumerate(q["choices"]):
-            pairs.append((qi, oi, context, tokenizer(" " + option.strip(), add_special_tokens=False)["input_ids"]))
+        items.append(
+            (context, [tokenizer(" " + o.strip(), add_special_tokens=False)["input_ids"] for o in q["choices"]])
+        )
     scores = torch.full((len(questions), max(len(q["choices"]) for q in questions)), -math.inf)
-    device = next(model.parameters()).device
-    order = sorted(range(len(pairs)), key=lambda k: len(pairs[k][2]) + len(pairs[k][3]))  # less padding
     was_training = model.training
     model.eval()
-    # Run the decoder once per batch and the 49k-wide output layer only where an option token is predicted.
-    # Prompt/prefix tuning live in the peft model's forward, so those go through it whole.
+    with accelerator.autocast() if accelerator else nullcontext():
+        if is_prompt_learning(model):  # prompt/prefix tuning live in the peft model's forward: run it whole
+            _score_whole(model, tokenizer, items, scores, batch_size)
+        else:
+            _score_cached(model, tokenizer, items, scores, batch_size)
+    model.train(was_training)
+    return scores
+
+
+def _score_cached(model, tokenizer, items, scores: torch.Tensor, batch_size: int) -> None:
+    """Each prompt once, its options as continuations from its KV cache.
+
+    The prompt (k-shot examples and question) is most of the tokens, and the old way ran it once per
+    option. Per batch: the prompts, right-padded (causal attention never lets a real token see the padding
+    after it), into a fresh cache; the cache repeated once per option; the options (all but their last
+    token, which predicts nothing scored) right-padded, with an attention mask hiding the prompts' padding
+    and explicit positions continuing each prompt. The output layer runs only where an option token is
+    predicted.
+    """
+    from transformers import DynamicCache
+
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
     decoder, head = inner.get_decoder(), inner.get_output_embeddings()
-    whole = is_prompt_learning(model)
-    with accelerator.autocast() if accelerator else nullcontext():
-        for start in range(0, len(order), batch_size):
-            chunk = [pairs[k] for k in order[start : start + batch_size]]
-            length = max(len(c) + len(o) for _, _, c, o in chunk)
-            ids = torch.full((len(chunk), length), tokenizer.pad_token_id)
-            for row, (_, _, c, o) in enumerate(chunk):  # right padding: causal attention never sees it
-                ids[row, : len(c) + len(o)] = torch.tensor(c + o)
-            if whole:
-                hidden = sequence_logits(model, ids.to(device))  # already logits
-            else:
-                hidden = decoder(input_ids=ids.to(device)).last_hidden_state
-            for row, (qi, oi, c, o) in enumerate(chunk):
-                # option token t is predicted by the hidden state one position before it
-                at = torch.arange(len(c) - 1, len(c) + len(o) - 1, device=device)
-                states = hidden[row, at]
-                logprobs = F.log_softmax((states if whole else head(states)).float(), dim=-1)
-                scores[qi, oi] = logprobs[torch.arange(len(o)), torch.tensor(o, device=device)].mean().item()
-    model.train(was_training)
-    return scores.argmax(dim=1).tolist()
+    device = next(model.parameters()).device
+    order = sorted(range(len(items)), key=lambda k: len(items[k][0]))  # similar lengths: less padding
+    for start in range(0, len(order), batch_size):
+        batch = order[start : start + batch_size]
+        lengths = torch.tensor([len(items[qi][0]) for qi in batch])
+        ids = torch.full((len(batch), int(lengths.max())), tokenizer.pad_token_id)
+        for row, qi in enumerate(batch):
+            ids[row, : lengths[row]] = torch.tensor(items[qi][0])
+        cache = DynamicCache(config=inner.config)
+        prompt_states = decoder(input_ids=ids.to(device), past_key_values=cache, use_cache=True).last_hidden_state
+        rows = [(row, oi, option) for row, qi in enumerate(batch) for oi, option in enumerate(items[qi][1])]
+        width = max(len(option) for _, _, option in rows) - 1
+        if width > 0:
+            source = torch.tensor([row for row, _, _ in rows])
+            cache.batch_select_indices(source.to(device))  # one copy of its prompt's cache per option
+            option_ids = torch.full((len(rows), width), tokenizer.pad_token_id)
+            for r, (_, _, option) in enumerate(rows):
+                option_ids[r, : len(option) - 1] = torch.tensor(option[:-1])
+            seen = torch.arange(ids.shape[1]) < lengths[:, None]  # the prompts' real tokens
+            mask = torch.cat([seen[source], torch.ones(len(rows), width, dtype=torch.bool)], dim=1).long()
+            positions = lengths[source][:, None] + torch.arange(width)
+            option_states = decoder(
+                input_ids=option_ids.to(device),
+                attention_mask=mask.to(device),
+                position_ids=positions.to(device),
+                past_key_values=cache,
+                use_cache=True,
+            ).last_hidden_state
+        # option token t is predicted by the state one position before it: the prompt's last, then the option's
+        states, targets = [], []
+        for r, (row, _, option) in enumerate(rows):
+            states.append(prompt_states[row, lengths[row] - 1][None])
+            if len(option) > 1:
+                states.append(option_states[r, : len(option) - 1])
+            targets.extend(option)
+        logprobs = F.log_softmax(head(torch.cat(states)).float(), dim=-1)
+        picked = logprobs[torch.arange(len(targets)), torch.tensor(targets, device=device)].cpu()
+        at = 0
+        for row, oi, option in rows:
+            scores[batch[row], oi] = picked[at : at + len(option)].mean()
+            at += len(option)
+
+
+def _score_whole(model, tokenizer, items, scores: torch.Tensor, batch_size: int) -> None:
+    """Prompt and option as one sequence per option, through the peft model's forward (prompt learning)."""
+    pairs = [(qi, oi, c, o) for qi, (c, options) in enumerate(items) for oi, o in enumerate(options)]
+    device = next(model.parameters()).device
+    order = sorted(range(len(pairs)), key=lambda k: len(pairs[k][2]) + len(pairs[k][3]))  # less padding
+    for start in range(0, len(order), batch_size):
+        chunk = [pairs[k] for k in order[start : start + batch_size]]
+        length = max(len(c) + len(o) for _, _, c, o in chunk)
+        ids = torch.full((len(chunk), length), tokenizer.pad_token_id)
+        for row, (_, _, c, o) in enumerate(chunk):  # right padding: causal attention never sees it
+            ids[row, : len(c) + len(o)] = torch.tensor(c + o)
+        logits = sequence_logits(model, ids.to(device))
+        for row, (qi, oi, c, o) in enumerate(chunk):
+            at = torch.arange(len(c) - 1, len(c) + len(o) - 1, device=device)
+            logprobs = F.log_softmax(logits[row, at].float(), dim=-1)
+            scores[qi, oi] = logprobs[torch.arange(len(o)), torch.tensor(o, device=device)].mean().item()
 
 
 def wilson(correct: int, n: int, z: float = 1.96) -> list[float]:

@@ -145,11 +145,26 @@ def cost_line(report: RunReport) -> str:
         parts.append(f"training {duration(seconds)} on {training.train_tokens or 0:,} tokens")
     if report.cost:
         params = f" ({report.cost.adapter_params:,} parameters)" if report.cost.adapter_params else ""
-        parts.append(
-            f"serving unmerged: the base model plus a {size(report.cost.adapter_bytes)} adapter{params}; "
-            "merged: the base model's size and speed"
-        )
+        parts.append(f"serving unmerged: the base model plus a {size(report.cost.adapter_bytes)} adapter{params}")
+        parts.append(f"merged: the base model's size{serving_speed(report.cost.serving)}")
     return "; ".join(parts)
+
+
+def serving_speed(serving) -> str:
+    """ ", 12.3 ms/token unmerged vs 10.1 merged (+22%, greedy, ...)" from a report's `cost.serving`."""
+    if serving is None:
+        return " and speed"
+    how = f"greedy, {serving.new_tokens} tokens on {serving.prompts} prompts, median of {serving.repeats}"
+    if serving.merged_ms_per_token is None:
+        return (
+            f"; decoding {serving.unmerged_ms_per_token:.1f} ms/token unmerged ({how}; this adapter cannot be merged)"
+        )
+    extra = serving.unmerged_ms_per_token / serving.merged_ms_per_token - 1
+    same = "" if serving.same_tokens else "; the merged copy generated other tokens"
+    return (
+        f"; decoding {serving.unmerged_ms_per_token:.1f} ms/token unmerged vs {serving.merged_ms_per_token:.1f} "
+        f"merged ({extra:+.0%}, {how}){same}"
+    )
 
 
 def _verdict_lines(report: RunReport) -> list[str]:

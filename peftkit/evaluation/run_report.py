@@ -372,12 +372,29 @@ class Verdict(JsonRecord):
 
 
 @dataclass(kw_only=True)
+class Serving(JsonRecord):
+    """Wall-clock ms per generated token (greedy, batch 1, median of `repeats`): measured, so `peftkit eval`
+    gives other numbers on a machine under other load."""
+
+    unmerged_ms_per_token: float
+    merged_ms_per_token: float | None
+    """None where the adapter cannot be merged (prompt learning, a quantized base)."""
+    same_tokens: bool | None
+    """Whether the merged copy generated exactly the unmerged model's tokens."""
+    new_tokens: int
+    prompts: int
+    repeats: int
+
+
+@dataclass(kw_only=True)
 class Cost(JsonRecord):
     """What deploying the tuned model adds to the base model (the training side is in `TrainingSummary`)."""
 
     adapter_bytes: int
-    """Size of RUN_DIR/adapter's weights; a merged model has the base model's size and speed instead."""
+    """Size of RUN_DIR/adapter's weights; a merged model has the base model's size instead."""
     adapter_params: int | None = optional()
+    serving: Serving | None = optional()
+    """Greedy decoding speed unmerged vs merged (`eval.serving_tokens`); None when not measured."""
 
 
 @dataclass(kw_only=True)
