@@ -51,6 +51,9 @@ def compare(target: str, methods: list[str], out: Path, overrides: list[str], lo
         code = os.waitstatus_to_exitcode(status)
         if code != 0:
             tail = log_file.read_text()[-2000:]
+            refused = [line for line in tail.splitlines() if line.startswith("peftkit: error: ")]
+            if code == 2 and refused:  # bad input: the run's own one line, not a tail holding it among others
+                raise PeftkitError(f"method {method}: {refused[-1].removeprefix('peftkit: error: ')} (log: {log_file})")
             raise PeftkitError(f"method {method} failed (exit {code}); see {log_file}: ...{tail.strip()[-300:]}")
         peak_mb = round(usage.ru_maxrss / 1024, 1)
         report = json.loads((run_dir / "report.json").read_text())

@@ -45,7 +45,12 @@ def merge_runs(
 ) -> dict:  # fmt: skip
     """Merge one run's adapter, or a weighted combination of several runs' adapters (peft's
     add_weighted_adapter), into their common base model and write it to `out`."""
+    # the bar is closed however the merge ends, so that an error starts its own line
+    with bar(total=4, desc="merge", unit="stage", leave=False) as stages:
+        return _merge_runs(run_dirs, weights, combination, out, dtype, overwrite, log, stages)
 
+
+def _merge_runs(run_dirs, weights, combination, out, dtype, overwrite, log, stages) -> dict:
     run_dirs, out = [Path(r) for r in run_dirs], Path(out)
     for run_dir in run_dirs:
         if not (run_dir / "adapter" / "adapter_config.json").exists():
@@ -70,7 +75,7 @@ def merge_runs(
                 f"{run_dir}: method {run_config.method.name} adds virtual tokens, not weight changes, so it cannot be "
                 f"merged; deploy the base model with the adapter (peftkit generate {run_dir})"
             )
-    stages = bar(total=4, desc="merge", unit="stage", leave=False)  # load, merge + check, save, done
+    # stages: load, merge + check, save, done
     tokenizer = models.load_tokenizer(config.model)
     inputs = tokenizer(list(CHECK_INPUTS), return_tensors="pt", padding=True)
     quantized = config.model.quantization != "none"
@@ -127,7 +132,6 @@ def merge_runs(
         shutil.rmtree(out)
     partial.rename(out)
     stages.update(1)
-    stages.close()
     log(
         f"merged {', '.join(map(str, run_dirs))} into {out} ({dtype}); logits match the adapter model within {diff:.1e}"
     )

@@ -214,4 +214,9 @@ def _nonempty(docs: Iterator[str], path: Path) -> Iterator[str]:
 
 def source_files(path: Path) -> list[Path]:
     """The files a resolved `data.source` reads, in a stable order (for its content key and size)."""
+    if not path.exists():  # checked here too: the streaming size check stats the files before any reader runs
+        raise PeftkitError(
+            f"data.source: {path}: no such data file or folder; give a .jsonl, .txt, .csv or .parquet file, "
+            "a folder of them, a saved dataset or asset:NAME"
+        )
     return sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
