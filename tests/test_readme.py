@@ -4,8 +4,8 @@ Commands come from ```bash blocks, from the first line of a plain ``` block that
 inline code in the prose (`peftkit merge RUN --out DIR [--dtype fp32|bf16|fp16]`: placeholders are given
 sample values, each alternative is checked). `peftkit ...` goes through peftkit's argparse parser and, for a
 recipe or YAML target, the config schema (unknown keys fail); `python recipes/X.py` and `accelerate launch`
-through the recipe's overrides and accelerate's own launch parser and config loader; `scripts/bench` and
-`scripts/bench_data` through their argparse parsers, `scripts/test` through pytest's, and the commands inside
+through the recipe's overrides and accelerate's own launch parser and config loader; `scripts/bench`,
+`scripts/bench_data` and `scripts/bench_qa` through their argparse parsers, `scripts/test` through pytest's, and the commands inside
 the shell scripts are checked the same way. The README's command line then runs for real on the tiny model
 (training, evaluation, report, merges and generation on run folders it trains), and so does its Python API
 example.
@@ -129,7 +129,7 @@ def check_script(argv: list[str], tmp_path: Path) -> None:
         assert path.is_file() and len(argv) == 1, argv
         return
     assert path.is_file() and path.stat().st_mode & 0o111, f"{argv[0]}: not an executable script"
-    if name in ("bench", "bench_data"):
+    if name in ("bench", "bench_data", "bench_qa"):
         load_script(name).parse(argv[1:])  # argparse: unknown options exit 2
     elif name in ("test", "models_table"):  # extra arguments go to pytest: its own parser checks them
         result = subprocess.run([sys.executable, "-m", "pytest", "--co", "-q", "-p", "no:cacheprovider", *argv[1:],

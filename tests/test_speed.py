@@ -16,7 +16,7 @@ from peft import LoraConfig, PromptTuningConfig, get_peft_model
 from transformers import AutoModelForCausalLM
 
 from peftkit import Trainer, loss, models, runtime
-from tests.conftest import load_script, make_doc, write_jsonl
+from tests.conftest import load_script, make_doc, picked_qa_file, write_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -271,3 +271,15 @@ def test_regional_compilation_finds_the_decoder_blocks_of_each_family(family):
     decoder, _ = loss.decoder_and_head(model)
     blocks = runtime.decoder_layers(decoder)
     assert blocks is not None and len(blocks) == 3
+
+
+def test_bench_qa_times_both_scoring_paths_and_they_agree(tiny_model_dir, tmp_path, capsys):
+    bench_qa = load_script("bench_qa")
+    qa_file = picked_qa_file(tmp_path / "mmlu.jsonl", [0, 1, 0, 1, 0, 1], [0, 1])
+    args = ["--questions", "4", "--kshot", "0", "1", "--model", str(tiny_model_dir), "--mmlu", str(qa_file)]
+    assert bench_qa.main(args) == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()[2:]]
+    assert [row[0] for row in rows] == ["0", "1"]
+    for _kshot, whole, cached, speedup, diff, same in rows:
+        assert float(whole) > 0 and float(cached) > 0 and speedup.endswith("x")
+        assert float(diff) < 1e-4 and same == "True"  # the cache changes the cost, not the scores
