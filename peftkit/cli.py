@@ -54,12 +54,12 @@ def run_recipe(config: Config, argv: list[str] | None = None, prog: str | None =
 
 
 def guarded(action) -> None:
-    """Run `action`; a PeftkitError becomes one line on stderr and exit status 2."""
+    """Run `action`; a PeftkitError becomes one line on stderr and exit status 2 (1 for a RunAborted)."""
     try:
         action()
     except PeftkitError as err:
-        print(f"peftkit: error: {err}", file=sys.stderr)
-        sys.exit(2)
+        print(f"peftkit: error: {err}", file=sys.stderr, flush=True)
+        sys.exit(getattr(err, "exit_code", 2))
     except KeyboardInterrupt:
         print("peftkit: interrupted", file=sys.stderr)
         sys.exit(130)
@@ -121,7 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-stream", action="store_true", help="print each answer when complete")
     p = commands.add_parser("report", help="write RUN_DIR/report.md and report.html (loss curves, verdict)")
     p.add_argument("run_dir")
-    commands.add_parser("doctor", help="versions, CPU/GPU features, bitsandbytes, and what is cached")
+    p = commands.add_parser("doctor", help="versions, CPU/GPU features, bitsandbytes, and what is cached")
+    p.add_argument("--verify", action="store_true", help="check every cached asset file against its sha256")
     p = commands.add_parser("fetch", help="download and prepare a catalog asset")
     p.add_argument("name", help="asset name, or 'all'")
     return parser
@@ -192,7 +193,7 @@ def _dispatch(args, rest: list[str]) -> None:
     elif args.command == "doctor":
         from peftkit.doctor import format_doctor, report
 
-        print(format_doctor(report()))
+        print(format_doctor(report(verify=args.verify)))
     elif args.command == "fetch":
         from peftkit import assets
 

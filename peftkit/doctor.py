@@ -10,7 +10,8 @@ from peftkit import assets
 from peftkit.manifest import PACKAGES
 
 
-def report() -> dict:
+def report(verify: bool = False) -> dict:
+    """What this machine offers; with `verify`, every prepared asset's files checked against their sha256."""
     import torch
 
     from peftkit.models import fast_bf16
@@ -30,7 +31,7 @@ def report() -> dict:
         "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
         "bf16_fast": fast_bf16(),
         "cache": str(assets.cache_dir()),
-        "assets": {name: assets.is_prepared(name) for name in assets.CATALOG},
+        "assets": {name: _asset_state(name, verify) for name in assets.CATALOG},
     }
     for name in PACKAGES:
         try:
@@ -46,6 +47,16 @@ def report() -> dict:
     return info
 
 
+def _asset_state(name: str, verify: bool) -> str:
+    """'prepared', 'not fetched', or what is wrong (sizes always; sha256 of every file with `verify`)."""
+    problem = assets.damage(assets.prepared_path(name), full=verify)
+    if problem == "not prepared":
+        return "not fetched"
+    if problem:
+        return f"damaged: {problem} (the next use prepares it again)"
+    return "prepared, sha256 verified" if verify else "prepared"
+
+
 def format_doctor(info: dict) -> str:
     cpu = info["cpu"]
     lines = [
@@ -58,6 +69,6 @@ def format_doctor(info: dict) -> str:
         f"bitsandbytes: {info['bitsandbytes']}",
         f"asset cache: {info['cache']}",
     ]
-    lines += [f"  {name}: {'prepared' if ready else 'not fetched (peftkit fetch ' + name + ')'}"
-              for name, ready in info["assets"].items()]  # fmt: skip
+    lines += [f"  {name}: {state}" + (f" (peftkit fetch {name})" if state == "not fetched" else "")
+              for name, state in info["assets"].items()]  # fmt: skip
     return "\n".join(lines)

@@ -18,6 +18,7 @@ import torch
 from peftkit import models
 from peftkit.config import Config
 from peftkit.errors import PeftkitError
+from peftkit.locking import OutputLock
 from peftkit.progress import bar
 
 MERGE_ATOL = 1e-3  # max |logit difference| merged vs adapter model, both fp32 (typically ~1e-4)
@@ -46,7 +47,8 @@ def merge_runs(
     """Merge one run's adapter, or a weighted combination of several runs' adapters (peft's
     add_weighted_adapter), into their common base model and write it to `out`."""
     # the bar is closed however the merge ends, so that an error starts its own line
-    with bar(total=4, desc="merge", unit="stage", leave=False) as stages:
+    # one merge per output: a second process writing the same --out is refused in one line
+    with OutputLock.output(Path(out), "peftkit merge"), bar(total=4, desc="merge", unit="stage", leave=False) as stages:
         return _merge_runs(run_dirs, weights, combination, out, dtype, overwrite, log, stages)
 
 

@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 
 from peftkit.errors import PeftkitError
+from peftkit.locking import LOCK_FILES
 
 RUN_FILES = (
     "config.yaml",
@@ -23,7 +24,7 @@ RUN_FILES = (
 
 def check_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
     """Refuse, before anything is loaded or written, to start a new run over an existing one."""
-    existing = run_dir.is_dir() and any(run_dir.iterdir())
+    existing = run_dir.is_dir() and any(p.name not in LOCK_FILES for p in run_dir.iterdir())
     if resume and not (run_dir / "config.yaml").exists():
         raise PeftkitError(f"{run_dir}: no peftkit run to resume (no config.yaml); start without --train.resume")
     if existing and not resume:

@@ -3,12 +3,14 @@
 `TrainState` is everything the loop and the guard decide with (step, tokens seen, the best step so
 far, patience, skipped steps); a checkpoint stores it as `state.json` and resume restores it, so a
 resumed run makes the same decisions as one that was never interrupted. `StepRecord` is one line of
-metrics.jsonl for an optimizer step.
+metrics.jsonl for an optimizer step. Beside them: the learning-rate schedule a checkpoint's step resumes
+(`lr_scheduler`), an evaluation's log line and the config in the flat form trackers store.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from dataclasses import dataclass, field
 
 from peftkit.evaluation.run_report import EvalRecord
@@ -115,3 +117,42 @@ class StepTimer:
             self._steady += 1
             self.tokens_per_s = tokens_per_step * (step - self.first_step) / self._seconds
         return self.tokens_per_s
+
+
+UNPLANNED = 2**62  # total_steps of a time-budgeted run before its step count is fixed: the schedule holds its peak
+
+
+def lr_scheduler(train, optimizer, total: int, at_step: int = 0):
+    """The learning-rate schedule of train.lr_schedule ending at `total` steps, set to step `at_step`."""
+    from transformers import get_scheduler
+
+    schedule = train.lr_schedule if train.lr_schedule != "constant" else "constant_with_warmup"
+    scheduler = get_scheduler(schedule, optimizer, num_warmup_steps=train.warmup_steps, num_training_steps=total)
+    if at_step:
+        with warnings.catch_warnings():  # torch warns of a scheduler step before any optimizer step: harmless here
+            warnings.simplefilter("ignore")
+            scheduler.last_epoch = at_step - 1
+            scheduler.step()  # LambdaLR's rate is a closed form of the step: the same as if stepped all along
+    return scheduler
+
+
+def evaluation_message(record: EvalRecord) -> str:
+    message = f"step {record.step}: val loss {record.val_loss:.4f} (ppl {record.val_ppl:.2f})"
+    if record.general_ppl is not None:
+        message += f", general ppl {record.general_ppl:.2f}"
+    if record.general_kl is not None:
+        message += f", general KL {record.general_kl:.4f}"
+    if record.train_loss is not None:
+        message += f", train loss {record.train_loss:.4f}, gap {record.gap:+.4f}"
+    return message + ("  [beyond the forgetting budget]" if record.within_budget is False else "")
+
+
+def tracker_params(config: dict, prefix: str = "") -> dict:
+    """The config as `section.key: value` scalars, the form trackers store hyperparameters in."""
+    out = {}
+    for key, value in config.items():
+        if isinstance(value, dict):
+            out.update(tracker_params(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value if isinstance(value, int | float | str | bool) else str(value)
+    return out

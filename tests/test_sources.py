@@ -4,6 +4,7 @@ with a text field or a template over several fields, and errors that say where."
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -84,7 +85,7 @@ def test_a_template_naming_a_missing_field_says_which_and_where(tmp_path):
         read_documents(path, template="{title} {abstract}")
 
 
-def test_tokenisation_cache_is_keyed_by_documents_and_tokenizer(tmp_path, monkeypatch):
+def test_tokenisation_cache_is_keyed_by_documents_and_tokenizer(tmp_path, monkeypatch, capsys):
     import random
 
     import numpy as np
@@ -107,10 +108,14 @@ def test_tokenisation_cache_is_keyed_by_documents_and_tokenizer(tmp_path, monkey
     tokenizer.add_tokens(["aspirin-like"])  # the tokenizer changed
     data.tokenize_cached(tokenizer, docs)
     assert calls == [1200, 1200, 1200]
-    for entry in (tmp_path / "tokens").glob("*.npz"):
-        entry.write_bytes(b"damaged")
+    entries = sorted((tmp_path / "tokens").glob("*.npz"))
+    for entry in entries:
+        entry.write_bytes(entry.read_bytes()[:200])  # half-written
+    capsys.readouterr()
     assert len(data.tokenize_cached(build_tokenizer(), docs)) == 1200 and calls[-1] == 1200  # rebuilt, no error
     assert len(calls) == 4
+    (line,) = capsys.readouterr().err.splitlines()
+    assert re.fullmatch(r"peftkit: cached tokens \S+\.npz are damaged \(\w+\); tokenising again", line), line
 
 
 def test_exact_and_near_duplicates_are_dropped_before_the_split_keeping_the_first(tmp_path):

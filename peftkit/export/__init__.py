@@ -20,6 +20,7 @@ from peftkit.errors import PeftkitError
 from peftkit.export import check, families, vocab, writer
 from peftkit.export.check import CHECK_INPUTS, TOKENIZER_CHECK, TOLERANCE, greedy  # noqa: F401
 from peftkit.export.families import FAMILIES, REFUSED, loader_families, support_table  # noqa: F401
+from peftkit.locking import OutputLock
 
 
 def export_gguf(model_dir: Path, out: Path, quant: str = "f16", overwrite: bool = False, log=print) -> dict:
@@ -35,9 +36,13 @@ def export_gguf(model_dir: Path, out: Path, quant: str = "f16", overwrite: bool 
     Returns:
         The check: path, quant, max and relative |logit diff|, continuations, config fields rebuilt differently.
     """
+    with OutputLock.output(Path(out), "peftkit export"):  # one export per output file
+        return _export_gguf(Path(model_dir), Path(out), quant, overwrite, log)
+
+
+def _export_gguf(model_dir: Path, out: Path, quant: str, overwrite: bool, log) -> dict:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    model_dir, out = Path(model_dir), Path(out)
     if quant not in TOLERANCE:
         raise PeftkitError(f"--quant {quant}: choose one of {', '.join(TOLERANCE)}")
     if not (model_dir / "config.json").exists():
