@@ -206,6 +206,13 @@ class MethodConfig:
                 _require(False, "method.unfreeze_pattern", f"not a valid regular expression ({err})")
 
 
+def duration_s(text: str) -> float | None:
+    """'90s', '10m', '1.5h' or a bare number of seconds, in seconds (None when not a positive duration)."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smh]?)\s*", text)
+    seconds = float(match.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600}[match.group(2)] if match else 0
+    return seconds or None
+
+
 @dataclass
 class TrainConfig:
     max_steps: int = _f(100, "optimizer steps to train (unless train.time_budget is set)")
@@ -237,6 +244,13 @@ class TrainConfig:
     gradient_checkpointing: bool = _f(
         False, "recompute each decoder layer in backward: far less activation memory, about 25% slower"
     )
+    collective_timeout: str = _f(
+        "30m",
+        "multi-process runs: how long a process waits for the others at one collective (gradient all-reduce, "
+        "evaluation gather) before it stops the run with an error, so a process that died or stalled, on "
+        "this machine or another, ends the run instead of hanging it (it must exceed the longest wait the main "
+        "process imposes alone: preparing data or assets first, writing a checkpoint); a duration such as '90s'",
+    )
     keep_checkpoints: int = _f(2, "newest checkpoints kept besides the best one")
     max_bad_steps: int = _f(3, "steps with a non-finite loss or gradient skipped before the run stops")
     log_every: int = _f(1, "steps between training-loss records in metrics.jsonl")
@@ -261,6 +275,11 @@ class TrainConfig:
             "train.time_budget",
             f"must be a duration such as '90s', '10m' or '1.5h', got {self.time_budget!r}",
         )
+        _require(
+            duration_s(self.collective_timeout) is not None,
+            "train.collective_timeout",
+            f"must be a duration such as '90s' or '10m', got {self.collective_timeout!r}",
+        )
         _require(self.warmup_steps >= 0, "train.warmup_steps", "must be >= 0")
         _require(self.max_grad_norm >= 0, "train.max_grad_norm", "must be >= 0")
         _require(self.keep_checkpoints >= 1, "train.keep_checkpoints", "must be at least 1")
@@ -274,9 +293,11 @@ class TrainConfig:
     @property
     def time_budget_s(self) -> float | None:
         """train.time_budget in seconds (None when unset or not a positive duration)."""
-        match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smh]?)\s*", self.time_budget)
-        seconds = float(match.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600}[match.group(2)] if match else 0
-        return seconds or None
+        return duration_s(self.time_budget)
+
+    @property
+    def collective_timeout_s(self) -> float:
+        return duration_s(self.collective_timeout)
 
 
 @dataclass

@@ -6,3 +6,10 @@ class PeftkitError(Exception):
 
     The CLI prints it on one line without a traceback and exits with status 2.
     """
+
+
+class RunAborted(PeftkitError):
+    """A run that cannot go on (another process of a multi-process run died or stalled): nothing the
+    user typed was wrong, so the CLI exits with status 1, still on one line."""
+
+    exit_code = 1

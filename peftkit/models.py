@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -29,19 +30,29 @@ def resolve_dtype(name: str) -> torch.dtype:
     return DTYPES[name]
 
 
-def make_accelerator(mixed_precision: str = "auto", log_with: list[str] | None = None, project_dir: Path | None = None):
+def make_accelerator(
+    mixed_precision: str = "auto",
+    log_with: list[str] | None = None,
+    project_dir: Path | None = None,
+    collective_timeout_s: float | None = None,
+):
     """An Accelerator on the GPU if there is one, else explicitly on the CPU.
 
     Choosing the CPU explicitly matters: without it a multi-process launch on a machine without
     GPUs does not form a process group, and each process trains alone (accelerate 1.15).
     `log_with`: Accelerate trackers, writing under `project_dir` (TensorBoard: project_dir/tb).
+    `collective_timeout_s`: how long one collective waits for the other processes (the process group's timeout).
     """
     from accelerate import Accelerator
+    from accelerate.utils import InitProcessGroupKwargs
 
     if mixed_precision == "auto":
         mixed_precision = "bf16" if fast_bf16() else "no"
     trackers = {"log_with": list(log_with), "project_dir": str(project_dir)} if log_with else {}
-    return Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=mixed_precision, **trackers)
+    handlers = [InitProcessGroupKwargs(timeout=timedelta(seconds=collective_timeout_s))] if collective_timeout_s else []
+    return Accelerator(
+        cpu=not torch.cuda.is_available(), mixed_precision=mixed_precision, kwargs_handlers=handlers, **trackers
+    )
 
 
 def model_path(config: ModelConfig, log=lambda _: None) -> Path:

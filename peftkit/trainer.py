@@ -20,13 +20,12 @@ import math
 import os
 import shutil
 import time
-import warnings
 from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 
-from peftkit import checkpoint, methods, models, progress, runtime
+from peftkit import checkpoint, distributed, methods, models, progress, runtime
 from peftkit.callbacks import CallbackList, Control
 from peftkit.config import Config
 from peftkit.data.training import TrainingData, build_training_data
@@ -37,10 +36,11 @@ from peftkit.evaluation.guard import OverfittingGuard
 from peftkit.evaluation.render import write_report_files
 from peftkit.evaluation.run_report import EvalRecord, RunReport, TrainingSummary
 from peftkit.evaluation.verdict_rules import decide
+from peftkit.locking import OutputLock
 from peftkit.loss import documents_kept_apart, setup_training_forward
 from peftkit.manifest import write_manifest
 from peftkit.rundir import check_run_dir, reset_run_dir, truncate_metrics
-from peftkit.state import StepRecord, StepTimer, TrainState
+from peftkit.state import UNPLANNED, StepRecord, StepTimer, TrainState, evaluation_message, lr_scheduler, tracker_params
 
 
 class Trainer:
@@ -79,6 +79,7 @@ class Trainer:
         self.initial_adapter = self.run_dir / "initial_adapter"  # PiSSA/OLoRA's start, for their conversion
         self.in_update = False  # inside an optimizer update: an interrupt there is not checkpointed
         self.report: RunReport | None = None
+        self.folder_lock = None  # the main process's claim on the run folder (peftkit.locking.OutputLock)
 
     def log(self, message: str) -> None:
         main = self.accelerator.is_main_process if self.accelerator else os.environ.get("RANK", "0") == "0"
@@ -87,14 +88,23 @@ class Trainer:
 
     def fit(self, resume: bool | None = None) -> dict:
         """Train, evaluate against the base model, and return the report (also in RUN_DIR/report.json)."""
-        self.setup(self.config.train.resume if resume is None else resume)
         try:
-            self.train()
-        except KeyboardInterrupt:
-            self._save_on_interrupt()
+            self.setup(self.config.train.resume if resume is None else resume)
+            try:
+                self.train()
+            except KeyboardInterrupt:
+                self._save_on_interrupt()
+                raise
+            with runtime.eager():
+                return self.finish()
+        except Exception as err:
+            if self.accelerator and distributed.lost_peer(err, self.accelerator.num_processes):
+                kept = checkpoint.latest_valid(self.run_dir)
+                raise distributed.run_aborted(err, self.run_dir, kept, self.config.train.collective_timeout) from err
             raise
-        with runtime.eager():
-            return self.finish()
+        finally:
+            if self.folder_lock:
+                self.folder_lock.release()
 
     # --- setup -------------------------------------------------------------------------------------
 
@@ -104,8 +114,12 @@ class Trainer:
         from accelerate.utils import set_seed
 
         train = self.config.train
-        self.accelerator = models.make_accelerator(train.mixed_precision, train.report_to, self.run_dir)
+        self.accelerator = models.make_accelerator(
+            train.mixed_precision, train.report_to, self.run_dir, train.collective_timeout_s
+        )
         checkpoint.check_unsharded(self.accelerator)
+        if self.accelerator.is_main_process:  # one run per folder: a second process is refused here
+            self.folder_lock = OutputLock.run_folder(self.run_dir).acquire()
         check_run_dir(self.run_dir, resume, train.overwrite)
         set_seed(self.config.seed)
         self._setup_model()
@@ -158,7 +172,7 @@ class Trainer:
         forward, self.compiled = setup_training_forward(self.model, train, acc, self.data.sample(), self.log)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         optimizer = methods.optimizer(self.config.method, self.model, train.lr, train.weight_decay)
-        self.scheduler = _scheduler(train, optimizer, self.total_steps)
+        self.scheduler = lr_scheduler(train, optimizer, self.total_steps)
         # The scheduler is stepped by hand once per optimizer step, whatever the process count.
         # The module Accelerate wraps is the whole training forward, loss included (DDP syncs through it).
         self.forward, self.optimizer = acc.prepare(forward, optimizer)
@@ -177,7 +191,7 @@ class Trainer:
             cfg.save_yaml(self.run_dir / "config.yaml")
             write_manifest(self.run_dir, cfg, acc.num_processes)
         if cfg.train.report_to:  # after the run folder is set up: trackers write into it
-            acc.init_trackers("tb", config=_flat(cfg.to_dict()))
+            acc.init_trackers("tb", config=tracker_params(cfg.to_dict()))
         if acc.is_main_process and methods.converts_on_save(cfg.method):
             self.model.save_pretrained(self.initial_adapter)  # PiSSA/OLoRA: the reference for conversion
         acc.wait_for_everyone()
@@ -277,7 +291,7 @@ class Trainer:
     def _follow_plan(self, planned: int) -> None:
         """Run to `planned` steps: the schedule rebuilt for that end, at the current step (its closed form)."""
         self.total_steps = planned
-        self.scheduler = _scheduler(self.config.train, self.optimizer, planned, at_step=self.state.step)
+        self.scheduler = lr_scheduler(self.config.train, self.optimizer, planned, at_step=self.state.step)
 
     def _accumulate_gradients(self, step: int) -> tuple[float, float | None]:
         """Gradients of one optimizer step over train.grad_accum micro-batches; (mean loss, gradient norm)."""
@@ -317,7 +331,7 @@ class Trainer:
         self.state.recent_losses = []
         self.callbacks.call("on_evaluate", self, record)
         self._log_metrics(record.to_json())
-        self.log(_evaluation_message(record))
+        self.log(evaluation_message(record))
         return record
 
     def _held_out_record(self) -> EvalRecord:
@@ -393,7 +407,8 @@ class Trainer:
         self.callbacks.call("on_run_end", self, report)
         for tracker in acc.trackers:  # flush and close; not end_training(), which also ends the process group
             tracker.finish()
-        acc.wait_for_everyone()
+        # No barrier here: the other processes return while the main one runs QA, diagnostics and the report,
+        # which may take longer than train.collective_timeout allows a collective to wait.
         return report.to_json()
 
     def _save_adapter(self) -> None:
@@ -451,42 +466,3 @@ class Trainer:
                 f"Trainer.{what}(): the trainer is not set up (no model, data or optimizer yet); call fit(), or "
                 "setup() first. A finished run is evaluated with peftkit.evaluation.evaluate_run(RUN_DIR)"
             )
-
-
-UNPLANNED = 2**62  # total_steps of a time-budgeted run before its step count is fixed: the schedule holds its peak
-
-
-def _scheduler(train, optimizer, total: int, at_step: int = 0):
-    """The learning-rate schedule of train.lr_schedule ending at `total` steps, set to step `at_step`."""
-    from transformers import get_scheduler
-
-    schedule = train.lr_schedule if train.lr_schedule != "constant" else "constant_with_warmup"
-    scheduler = get_scheduler(schedule, optimizer, num_warmup_steps=train.warmup_steps, num_training_steps=total)
-    if at_step:
-        with warnings.catch_warnings():  # torch warns of a scheduler step before any optimizer step: harmless here
-            warnings.simplefilter("ignore")
-            scheduler.last_epoch = at_step - 1
-            scheduler.step()  # LambdaLR's rate is a closed form of the step: the same as if stepped all along
-    return scheduler
-
-
-def _evaluation_message(record: EvalRecord) -> str:
-    message = f"step {record.step}: val loss {record.val_loss:.4f} (ppl {record.val_ppl:.2f})"
-    if record.general_ppl is not None:
-        message += f", general ppl {record.general_ppl:.2f}"
-    if record.general_kl is not None:
-        message += f", general KL {record.general_kl:.4f}"
-    if record.train_loss is not None:
-        message += f", train loss {record.train_loss:.4f}, gap {record.gap:+.4f}"
-    return message + ("  [beyond the forgetting budget]" if record.within_budget is False else "")
-
-
-def _flat(config: dict, prefix: str = "") -> dict:
-    """The config as `section.key: value` scalars, the form trackers store hyperparameters in."""
-    out = {}
-    for key, value in config.items():
-        if isinstance(value, dict):
-            out.update(_flat(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value if isinstance(value, int | float | str | bool) else str(value)
-    return out

@@ -42,6 +42,8 @@ def test_overrides_coerce_types():
         ("--method.name=nope", "'method.name': must be one of"),
         ("--train.lr_schedule=steep", "one of 'cosine', 'linear', 'constant'"),
         ("--train.resume=maybe", "true or false"),
+        ("--train.time_budget=soon", "'train.time_budget': must be a duration such as '90s'"),
+        ("--train.collective_timeout=0s", "'train.collective_timeout': must be a duration such as '90s' or '10m'"),
         ("train.lr", "is not an override"),
     ],
 )

@@ -1,0 +1,40 @@
+"""What a multi-process run does when one of its processes dies or stalls.
+
+Every collective (the gradient all-reduce, the evaluation gathers, the barriers around checkpoints) waits
+for all processes. A process that is killed closes its connections, and the others' next collective
+fails at once; one that stalls (a machine that froze, a network that dropped) is waited for until the
+process group's timeout, `train.collective_timeout`. Either way the survivors stop with one line naming
+the last complete checkpoint, which checkpoints' atomic writes keep intact, and `--train.resume=true`
+continues from it exactly.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+
+from peftkit.errors import RunAborted
+
+# what gloo and NCCL say when a peer is gone or silent (torch 2.13 raises them as RuntimeError)
+_LOST = re.compile(r"gloo|nccl|connection (reset|closed)|timed out|timeout|broken pipe|peer", re.I)
+
+
+def lost_peer(err: BaseException, processes: int) -> bool:
+    """Whether `err`, raised in a run of `processes` processes, is a collective that lost another process."""
+    if processes < 2:
+        return False
+    dist_error = getattr(torch.distributed, "DistError", ())
+    return isinstance(err, dist_error) or (isinstance(err, RuntimeError) and bool(_LOST.search(str(err))))
+
+
+def run_aborted(err: BaseException, run_dir: Path, last_checkpoint: Path | None, timeout: str) -> RunAborted:
+    first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+    first = re.sub(r"^\[[^\]]*\]\s*", "", first)[:160]  # gloo's source-file prefix says nothing to the user
+    kept = f"the last complete checkpoint is {last_checkpoint}" if last_checkpoint else "no checkpoint was complete yet"
+    return RunAborted(
+        f"another process of this run stopped or did not answer within train.collective_timeout={timeout} "
+        f"({first}); {kept}; once every process can run again, continue with --train.resume=true "
+        f"(output_dir {run_dir})"
+    )
