@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from peftkit import sharding
 from peftkit.errors import PeftkitError
 from peftkit.hashing import sha256_file
 
@@ -54,11 +55,12 @@ def latest_valid(run_dir: Path, log=lambda _: None) -> Path | None:
 def save_adapter(accelerator, model, out_dir: Path, initial: Path | None = None) -> None:
     """Write the adapter of `model` (as prepared by Accelerate) to `out_dir` in standard PEFT format.
 
-    Every process must call this: under FSDP and DeepSpeed ZeRO-3 the weights are sharded across
-    processes and `get_state_dict` gathers them (a collective); only the main process writes.
+    Every process must call this: under FSDP2 (`peftkit.sharding`) and DeepSpeed the weights may be sharded
+    across processes and are gathered here (a collective); only the main process writes.
     `initial`: the adapter as initialised by PiSSA/OLoRA, to convert to plain LoRA on the original base.
     """
-    state_dict = accelerator.get_state_dict(model)
+    sharded = sharding.is_sharded(model)
+    state_dict = sharding.adapter_state(model) if sharded else accelerator.get_state_dict(model)
     unwrapped = accelerator.unwrap_model(model)
     peft_model = getattr(unwrapped, "peft_model", unwrapped)  # the trainer prepares its TrainingForward
     if peft_model is not unwrapped:
@@ -83,8 +85,10 @@ def save(run_dir: Path, step: int, model, optimizer, scheduler, state: dict, acc
             rng["cuda"] = torch.cuda.get_rng_state()
         torch.save(rng, partial / f"rng-{accelerator.process_index}.pt")
         save_adapter(accelerator, model, partial / "adapter")
+        # sharded moments are gathered whole (every process takes part): the same file as an unsharded run's
+        optimizer_state = sharding.optimizer_state(optimizer) if sharding.is_sharded(model) else None
         if accelerator.is_main_process:
-            torch.save(optimizer.state_dict(), partial / "optimizer.pt")
+            torch.save(optimizer_state or optimizer.state_dict(), partial / "optimizer.pt")
             torch.save(scheduler.state_dict(), partial / "scheduler.pt")
             (partial / "state.json").write_text(json.dumps({**state, "step": step}, indent=2))
         accelerator.wait_for_everyone()
@@ -104,25 +108,23 @@ def save(run_dir: Path, step: int, model, optimizer, scheduler, state: dict, acc
     return final
 
 
-def check_unsharded(accelerator) -> None:
-    """Refuse FSDP and ZeRO-3 before training: restoring a checkpoint (resume, best-step restore) into
-    sharded parameters is not implemented, and a run must not find that out after training."""
+def check_supported(accelerator) -> None:
+    """Refuse DeepSpeed ZeRO-3 before training: its sharded parameters are not gathered for checkpoints or
+    restored into (resume, best-step restore); FSDP2 (`train.sharding=fsdp`) is the way to shard."""
     from accelerate.utils import DistributedType
 
-    kind = accelerator.distributed_type
-    zero3 = kind == DistributedType.DEEPSPEED and accelerator.state.deepspeed_plugin.zero_stage == 3
-    if kind == DistributedType.FSDP or zero3:
+    if accelerator.distributed_type == DistributedType.DEEPSPEED and accelerator.state.deepspeed_plugin.zero_stage == 3:
         raise PeftkitError(
-            f"{'DeepSpeed ZeRO-3' if zero3 else 'FSDP'}: restoring checkpoints into sharded weights (resume, "
-            "best-step restore) is not supported yet; launch with DDP (recipes/accelerate/multi_gpu.yaml) or "
-            "DeepSpeed ZeRO-2 (recipes/accelerate/deepspeed_zero2.yaml)"
+            "DeepSpeed ZeRO-3 is not supported (its sharded weights are not checkpointed or restored; see "
+            "docs/distribution.md); shard with FSDP2 instead: --train.sharding=fsdp or "
+            "recipes/accelerate/fsdp.yaml (ZeRO-2 keeps working: recipes/accelerate/deepspeed_zero2.yaml)"
         )
 
 
 def load(path: Path, peft_model, optimizer, scheduler, accelerator) -> dict:
     """Restore adapter, optimizer, scheduler and this process's RNG; return the trainer state."""
     load_adapter_weights(peft_model, path / "adapter")
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+    sharding.load_optimizer_state(optimizer, torch.load(path / "optimizer.pt", weights_only=True))
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
     rng_file = path / f"rng-{accelerator.process_index}.pt"
     if rng_file.exists():  # absent when resuming on more processes than saved: those keep the seeded RNG
@@ -134,13 +136,18 @@ def load(path: Path, peft_model, optimizer, scheduler, accelerator) -> dict:
 
 
 def load_adapter_weights(peft_model, adapter_dir: Path) -> None:
-    from peft import set_peft_model_state_dict
+    """Load a saved adapter into `peft_model`; into a sharded one each process keeps its part of each tensor."""
+    from peft import get_peft_model_state_dict, set_peft_model_state_dict
     from safetensors.torch import load_file
 
     file = adapter_dir / "adapter_model.safetensors"
     if not file.exists():
         raise PeftkitError(f"{adapter_dir}: no adapter_model.safetensors; the checkpoint is incomplete")
-    result = set_peft_model_state_dict(peft_model, load_file(file))
+    weights = load_file(file)
+    if sharding.is_sharded(peft_model):
+        current = get_peft_model_state_dict(peft_model)  # the same keys, laid out as the live model's
+        weights = {k: sharding.like(v, current[k]) if k in current else v for k, v in weights.items()}
+    result = set_peft_model_state_dict(peft_model, weights)
     if getattr(result, "unexpected_keys", None):
         raise PeftkitError(f"{file}: weights do not match this adapter config ({result.unexpected_keys[:3]} ...)")
 

@@ -244,6 +244,13 @@ class TrainConfig:
     gradient_checkpointing: bool = _f(
         False, "recompute each decoder layer in backward: far less activation memory, about 25% slower"
     )
+    sharding: str = _f(
+        "none",
+        "multi-process runs: 'fsdp' shards the frozen base and the adapter across the processes (FSDP2, one "
+        "decoder layer per unit), so each holds 1/N of the weights; 'none' = a whole copy per process (DDP). "
+        "A launch config with distributed_type: FSDP (recipes/accelerate/fsdp.yaml) also selects 'fsdp'",
+        ("none", "fsdp"),
+    )
     collective_timeout: str = _f(
         "30m",
         "multi-process runs: how long a process waits for the others at one collective (gradient all-reduce, "

@@ -15,6 +15,7 @@ to keep and when to stop early is decided by the guard, the first callback
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -25,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from peftkit import checkpoint, distributed, methods, models, progress, runtime
+from peftkit import checkpoint, distributed, methods, models, progress, runtime, sharding
 from peftkit.callbacks import CallbackList, Control
 from peftkit.config import Config
 from peftkit.data.training import TrainingData, build_training_data
@@ -73,6 +74,7 @@ class Trainer:
         self.params: list[torch.nn.Parameter] = []  # the trainable parameters (clipped together)
         self.param_counts = {"trainable_params": 0, "total_params": 0}
         self.compiled = False  # decoder layers compiled (regional torch.compile)
+        self.sharded = False  # FSDP2: each process holds 1/N of the weights (train.sharding, peftkit.sharding)
         self.global_batch = 0  # rows per optimizer step, all processes and micro-batches together
         # the last step: train.max_steps, or under a time budget unknown (no end) until the step time is measured
         self.total_steps = UNPLANNED if config.train.time_budget_s else config.train.max_steps
@@ -114,10 +116,12 @@ class Trainer:
         from accelerate.utils import set_seed
 
         train = self.config.train
+        launched_sharded = sharding.claim_launch_config()
         self.accelerator = models.make_accelerator(
             train.mixed_precision, train.report_to, self.run_dir, train.collective_timeout_s
         )
-        checkpoint.check_unsharded(self.accelerator)
+        checkpoint.check_supported(self.accelerator)
+        self.sharded = sharding.wanted(self.config, self.accelerator, launched_sharded, self.log)
         if self.accelerator.is_main_process:  # one run per folder: a second process is refused here
             self.folder_lock = OutputLock.run_folder(self.run_dir).acquire()
         check_run_dir(self.run_dir, resume, train.overwrite)
@@ -169,13 +173,22 @@ class Trainer:
 
     def _setup_optimizer(self) -> None:
         train, acc = self.config.train, self.accelerator
+        if self.sharded and train.compile != "false":
+            self.log("not compiling: train.sharding=fsdp runs eagerly (compiling sharded layers is not verified)")
+            train = dataclasses.replace(train, compile="false")
         forward, self.compiled = setup_training_forward(self.model, train, acc, self.data.sample(), self.log)
+        if self.sharded:  # before the optimizer is made: sharding replaces the parameters
+            sharding.shard_training_forward(forward, self.model, acc, self.data.sample(), self.log)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         optimizer = methods.optimizer(self.config.method, self.model, train.lr, train.weight_decay)
         self.scheduler = lr_scheduler(train, optimizer, self.total_steps)
         # The scheduler is stepped by hand once per optimizer step, whatever the process count.
-        # The module Accelerate wraps is the whole training forward, loss included (DDP syncs through it).
-        self.forward, self.optimizer = acc.prepare(forward, optimizer)
+        # The module Accelerate wraps is the whole training forward, loss included (DDP syncs through it);
+        # a sharded one is FSDP2's, not wrapped again.
+        if self.sharded:
+            self.forward, self.optimizer = forward, acc.prepare(optimizer)
+        else:
+            self.forward, self.optimizer = acc.prepare(forward, optimizer)
 
     def _setup_run_dir(self, resume: bool) -> None:
         """A fresh run folder, or the newest complete checkpoint restored into model, optimizer and state."""
@@ -302,14 +315,16 @@ class Trainer:
                 step, micro, acc.process_index, acc.num_processes, train.batch_size, train.grad_accum
             )
             batch = batch.to(acc.device)
-            # DDP all-reduces gradients on the last micro-batch only
-            with nullcontext() if micro == train.grad_accum - 1 else acc.no_sync(self.forward):
-                loss = self.forward(**batch.model_inputs()) / train.grad_accum  # scale for accumulation
+            last = micro == train.grad_accum - 1
+            # DDP all-reduces (FSDP2 reduce-scatters) gradients on the last micro-batch only
+            with nullcontext() if last else acc.no_sync(self.forward), sharding.gradient_sync(self.forward, last):
+                with acc.autocast() if self.sharded else nullcontext():  # Accelerate's prepare() adds it otherwise
+                    loss = self.forward(**batch.model_inputs()) / train.grad_accum  # scale for accumulation
                 acc.backward(loss)
             step_loss += loss.detach()
         grad_norm = acc.clip_grad_norm_(self.params, train.max_grad_norm) if train.max_grad_norm else None
         step_loss = acc.reduce(step_loss, reduction="mean").item()
-        return step_loss, None if grad_norm is None else float(grad_norm)
+        return step_loss, None if grad_norm is None else float(sharding.full(grad_norm))
 
     def _stop_if_diverged(self) -> None:
         limit = self.config.train.max_bad_steps
@@ -325,7 +340,7 @@ class Trainer:
         """Held-out losses at the current step: validation and general text, KL from the base model's
         answers and the train/validation gap. The guard marks the record before it is logged."""
         self._require_setup("validate")
-        with runtime.eager():
+        with runtime.eager(), sharding.unsharded_root(self.forward):
             record = self._held_out_record()
         self.control.evaluate = False
         self.state.recent_losses = []
@@ -418,9 +433,10 @@ class Trainer:
             shutil.rmtree(self.run_dir / "adapter", ignore_errors=True)
         converts = methods.converts_on_save(self.config.method)
         checkpoint.save_adapter(acc, self.forward, self.run_dir / "adapter", self.initial_adapter if converts else None)
-        if converts:
+        if converts or self.sharded:
             # The in-memory base holds PiSSA/OLoRA residual weights, so disable_adapter() is not the base
-            # model: evaluate the saved (converted) adapter on a freshly loaded original base instead.
+            # model: evaluate the saved (converted) adapter on a freshly loaded original base instead. A sharded
+            # model is evaluated the same way, whole in each process: QA and diagnostics run on one process.
             from peft import PeftModel
 
             acc.wait_for_everyone()

@@ -1,18 +1,35 @@
 """Run by the distributed tests under `accelerate launch`: train a YAML config, then save this
-process's adapter weights, so the test can compare ranks with each other and with one process."""
+process's adapter weights (whole), so the test can compare ranks with each other and with one process,
+and what this process held of the frozen base (its bytes, and all of its bytes when whole)."""
 
 import sys
 
 import torch
 from peft import get_peft_model_state_dict
 
-from peftkit import Config, Trainer
+from peftkit import Config, Trainer, sharding
+
+
+def local_bytes(tensor) -> int:
+    local = tensor.to_local() if sharding.is_dtensor(tensor) else tensor
+    return local.numel() * local.element_size()
+
 
 config = Config.from_yaml(sys.argv[1]).override(sys.argv[3:])
 trainer = Trainer(config, log=lambda _: None)
 trainer.fit()
 rank = trainer.accelerator.process_index
+frozen = [p for p in trainer.forward.parameters() if not p.requires_grad]  # the trained (maybe sharded) model
 state = {
     k: v.detach().clone() for k, v in get_peft_model_state_dict(trainer.accelerator.unwrap_model(trainer.model)).items()
 }
-torch.save({"world": trainer.accelerator.num_processes, "state": state}, f"{sys.argv[2]}/rank{rank}.pt")
+torch.save(
+    {
+        "world": trainer.accelerator.num_processes,
+        "sharded": trainer.sharded,
+        "frozen_bytes": sum(local_bytes(p) for p in frozen),
+        "frozen_bytes_whole": sum(p.numel() * p.element_size() for p in frozen),
+        "state": state,
+    },
+    f"{sys.argv[2]}/rank{rank}.pt",
+)

@@ -161,7 +161,7 @@ def test_shipped_accelerate_configs_load():
         assert f"recipes/accelerate/{path.name}" in path.read_text(), f"{path.name}: document its launch command"
 
 
-def test_fsdp_and_zero3_are_refused_before_training():
+def test_zero3_is_refused_before_training_naming_fsdp2():
     from types import SimpleNamespace
 
     from accelerate.utils import DistributedType
@@ -169,13 +169,14 @@ def test_fsdp_and_zero3_are_refused_before_training():
     from peftkit import checkpoint
     from peftkit.errors import PeftkitError
 
-    fsdp = SimpleNamespace(distributed_type=DistributedType.FSDP)
-    zero3 = SimpleNamespace(distributed_type=DistributedType.DEEPSPEED,
-                            state=SimpleNamespace(deepspeed_plugin=SimpleNamespace(zero_stage=3)))  # fmt: skip
-    zero2 = SimpleNamespace(distributed_type=DistributedType.DEEPSPEED,
-                            state=SimpleNamespace(deepspeed_plugin=SimpleNamespace(zero_stage=2)))  # fmt: skip
-    for acc in (fsdp, zero3):
-        with pytest.raises(PeftkitError, match="not supported yet; launch with DDP"):
-            checkpoint.check_unsharded(acc)
-    checkpoint.check_unsharded(zero2)
-    checkpoint.check_unsharded(SimpleNamespace(distributed_type=DistributedType.MULTI_GPU))
+    def deepspeed(stage):
+        return SimpleNamespace(distributed_type=DistributedType.DEEPSPEED,
+                               state=SimpleNamespace(deepspeed_plugin=SimpleNamespace(zero_stage=stage)))  # fmt: skip
+
+    with pytest.raises(
+        PeftkitError, match="ZeRO-3 is not supported .* shard with FSDP2 instead: --train.sharding=fsdp"
+    ):
+        checkpoint.check_supported(deepspeed(3))
+    checkpoint.check_supported(deepspeed(2))
+    for kind in (DistributedType.MULTI_GPU, DistributedType.MULTI_CPU, DistributedType.FSDP):
+        checkpoint.check_supported(SimpleNamespace(distributed_type=kind))

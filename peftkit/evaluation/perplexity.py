@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from peftkit import loss as chunked_loss
+from peftkit import sharding
 from peftkit.data import IGNORE_INDEX
 from peftkit.methods import sequence_logits
 from peftkit.progress import bar
@@ -67,6 +68,11 @@ def _score(model, input_ids, labels, batch_size: int, accelerator, per_row: bool
                 rows.append(torch.stack([_row_losses(model, x, y).double(), counts], dim=1))
             else:
                 totals += torch.stack([_batch_loss(model, x, y).double(), counts.sum()])
+        if world > 1 and sharding.is_sharded(model):
+            # a sharded model's layers gather their weights from every process: all make the same number of calls
+            most_rows = -(-len(input_ids) // world)
+            for _ in range(math.ceil(most_rows / batch_size) - math.ceil(len(mine) / batch_size)):
+                _batch_loss(model, input_ids[:1].to(device), labels[:1].to(device))
     model.train(was_training)
     if per_row:
         return torch.cat(rows) if rows else torch.zeros(0, 2, dtype=torch.float64, device=device)
