@@ -123,6 +123,7 @@ def shard_training_forward(forward: nn.Module, model: nn.Module, accelerator, sa
     layers = shard(forward, model, accelerator.device)
     with torch.no_grad(), accelerator.autocast():
         forward(**sample.to(accelerator.device).model_inputs())
+    forward.reshard()  # the root keeps its weights whole after a forward (no backward here to free them)
     log(f"train.sharding=fsdp: {layers} decoder layers and the rest sharded over {accelerator.num_processes} processes")
 
 

@@ -10,6 +10,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
 
 import pytest
@@ -171,3 +172,22 @@ def test_merge_of_a_sharded_runs_adapter(sharded_run, one_process, tmp_path):
         merged = AutoModelForCausalLM.from_pretrained(tmp_path / run.parent.name)
         logits.append(merged(torch.arange(1, 17).unsqueeze(0)).logits)
     assert torch.allclose(logits[0], logits[1], atol=1e-4)
+
+
+def test_families_train_sharded_as_unsharded(tmp_path):
+    """Llama, Qwen2, Gemma 2, Phi-3, GPT-2, GPT-NeoX and two MoE families (fused experts): sharded LoRA
+    training, the gathered adapter and an evaluation call with the root gathered all match unsharded."""
+    from tests.sharding_families_driver import SHARDED_FAMILIES
+
+    out = tmp_path / "families.json"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+           str(ROOT / "tests" / "sharding_families_driver.py"), str(out)]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    measured = json.loads(out.read_text())
+    assert list(measured) == list(SHARDED_FAMILIES)
+    for family, m in measured.items():
+        assert 0.45 < m["frozen_share"] < 0.55, (family, m["frozen_share"])
+        assert m["adapter_tensors"] > 0 and m["losses"][-1] != m["losses"][0], family
+        assert m["loss_diff"] < 1e-5 and m["adapter_diff"] < 1e-4 and m["logit_diff"] < 1e-4, (family, m)
