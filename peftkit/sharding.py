@@ -70,11 +70,17 @@ def wanted(config, accelerator, launched: bool, log) -> bool:
         return False
     from peftkit.methods import converts_on_save
 
-    if converts_on_save(config.method) or config.model.quantization == "int8":
-        what = "model.quantization=int8" if config.model.quantization == "int8" else f"method.init={config.method.init}"
+    if config.model.quantization != "none":
         raise PeftkitError(
-            f"train.sharding=fsdp: {what} needs the whole weights in every process (PiSSA/OLoRA's conversion to "
-            "LoRA, LLM.int8's outlier state); drop one of the two, or use train.sharding=none"
+            f"train.sharding=fsdp with model.quantization={config.model.quantization}: FSDP2 gathers bitsandbytes' "
+            "quantized weights as plain tensors without their quantization state (bitsandbytes#1945, "
+            "accelerate#3983), which crashes or trains wrong; use QLoRA with train.sharding=none (DDP), or shard "
+            "an unquantized base (docs/distribution.md)"
+        )
+    if converts_on_save(config.method):
+        raise PeftkitError(
+            f"train.sharding=fsdp with method.init={config.method.init}: converting PiSSA/OLoRA to plain LoRA at "
+            "save reads the whole base weights in one process; use method.init=default, or train.sharding=none"
         )
     return True
 

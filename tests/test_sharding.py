@@ -191,3 +191,45 @@ def test_families_train_sharded_as_unsharded(tmp_path):
         assert 0.45 < m["frozen_share"] < 0.55, (family, m["frozen_share"])
         assert m["adapter_tensors"] > 0 and m["losses"][-1] != m["losses"][0], family
         assert m["loss_diff"] < 1e-5 and m["adapter_diff"] < 1e-4 and m["logit_diff"] < 1e-4, (family, m)
+
+
+def test_sharding_refusals_and_launch_config(monkeypatch):
+    from types import SimpleNamespace
+
+    from peftkit import PeftkitError, sharding
+
+    two, one = SimpleNamespace(num_processes=2), SimpleNamespace(num_processes=1)
+    config = Config(train=TrainConfig(sharding="fsdp"))
+    said = []
+    assert sharding.wanted(config, two, False, said.append)
+    assert not sharding.wanted(config, one, False, said.append) and "nothing to shard across" in said[-1]
+    assert not sharding.wanted(Config(), two, False, said.append)
+    assert sharding.wanted(Config(), two, True, said.append)  # the launch config alone selects it
+    for model, method, match in (
+        (ModelConfig(quantization="nf4"), MethodConfig(name="qlora"), "bitsandbytes#1945"),
+        (ModelConfig(), MethodConfig(init="pissa"), "method.init=pissa"),
+    ):
+        bad = Config(model=model, method=method, train=TrainConfig(sharding="fsdp"))
+        with pytest.raises(PeftkitError, match=match):
+            sharding.wanted(bad, two, False, said.append)
+
+    monkeypatch.delenv("ACCELERATE_USE_FSDP", raising=False)
+    assert not sharding.claim_launch_config()
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv("FSDP_VERSION", "1")
+    with pytest.raises(PeftkitError, match="fsdp_version: 2"):
+        sharding.claim_launch_config()
+    monkeypatch.setenv("FSDP_VERSION", "2")
+    monkeypatch.setenv("FSDP_CPU_RAM_EFFICIENT_LOADING", "true")
+    with pytest.raises(PeftkitError, match="fsdp_cpu_ram_efficient_loading: false"):
+        sharding.claim_launch_config()
+    monkeypatch.setenv("FSDP_CPU_RAM_EFFICIENT_LOADING", "false")
+    assert sharding.claim_launch_config()
+    assert os.environ["ACCELERATE_USE_FSDP"] == "false"  # Accelerate builds no FSDP plugin of its own
+
+
+def test_sharding_needs_several_processes_and_a_layer_list():
+    from peftkit import PeftkitError, sharding
+
+    with pytest.raises(PeftkitError, match="multi-process launch"):
+        sharding.shard(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2), torch.device("cpu"))
