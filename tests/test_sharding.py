@@ -233,3 +233,23 @@ def test_sharding_needs_several_processes_and_a_layer_list():
 
     with pytest.raises(PeftkitError, match="multi-process launch"):
         sharding.shard(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2), torch.device("cpu"))
+
+
+def test_bench_sharding_quick(tiny_model_dir, corpus_dir, tmp_path):
+    """scripts/bench_sharding's smoke run: DDP and FSDP2 each with 2 processes; FSDP2 holds half the weights."""
+    out = tmp_path / "bench"
+    cmd = [sys.executable, str(ROOT / "scripts" / "bench_sharding"), "--quick", "--model", str(tiny_model_dir),
+           "--docs", str(corpus_dir), "--out", str(out)]  # fmt: skip
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    measured = json.loads((out / "bench_sharding.json").read_text())
+    ddp, fsdp = (max(r["weights"] for r in measured[name]) for name in ("DDP", "FSDP2"))
+    assert 0.45 < fsdp / ddp < 0.55
+    assert "FSDP2 / DDP" in (out / "bench_sharding.md").read_text()
+
+
+def test_gpu_check_without_a_gpu_says_so():
+    result = subprocess.run([sys.executable, str(ROOT / "scripts" / "gpu_check")], capture_output=True, text=True)
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present: run scripts/gpu_check itself")
+    assert result.returncode == 0 and result.stdout.startswith("SKIP all: no CUDA device"), result.stderr[-2000:]
