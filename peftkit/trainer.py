@@ -138,7 +138,8 @@ class Trainer:
         cfg, acc = self.config, self.accelerator
         self.tokenizer = models.load_tokenizer(cfg.model, log=self.log)
         base = models.load_model(cfg.model, log=self.log)
-        if not getattr(base, "is_quantized", False):  # bitsandbytes places quantized weights when loading
+        # bitsandbytes places quantized weights when loading; FSDP2 moves each process's shard to its GPU
+        if not getattr(base, "is_quantized", False) and not (self.sharded and acc.device.type != "cpu"):
             base.to(acc.device)
         # The forgetting reference comes from the untouched base, before any method can change it.
         self.answers = forgetting.base_answers(base, self.tokenizer, acc) if cfg.eval.kl_prompts else None
@@ -466,12 +467,13 @@ class Trainer:
             train_seconds=state.train_seconds,
             planned_steps=state.planned_steps,
             adapted_modules=methods.adapted_modules(self.model),
+            sharding="fsdp" if self.sharded else None,
         )
 
     def evaluate(self, model=None) -> dict:
         """Base vs tuned perplexity on the test rows, the prompted baseline and KL from the base, now."""
         self._require_setup("evaluate")
-        with runtime.eager():
+        with runtime.eager(), sharding.unsharded_root(self.forward):
             return held_out_comparison(
                 self.config, model or self.model, self.tokenizer, self.accelerator, self.data.texts, self.answers
             )

@@ -109,6 +109,8 @@ def test_two_sharded_processes_equal_one_process_with_accumulation(sharded_run, 
     ours, theirs = losses(sharded_run / "run"), losses(one_out / "run")
     assert len(ours) == len(theirs) and max(abs(a - b) for a, b in zip(ours, theirs, strict=True)) < LOSS_TOLERANCE
     assert best_step(sharded_run / "run") == best_step(one_out / "run")
+    reports = [json.loads((out / "run" / "report.json").read_text()) for out in (sharded_run, one_out)]
+    assert reports[0]["sharding"] == "fsdp" and "sharding" not in reports[1]
 
 
 def test_sharded_run_restores_the_same_best_step_as_unsharded(sharded_run, one_process):
