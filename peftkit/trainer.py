@@ -15,7 +15,6 @@ to keep and when to stop early is decided by the guard, the first callback
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
@@ -174,9 +173,6 @@ class Trainer:
 
     def _setup_optimizer(self) -> None:
         train, acc = self.config.train, self.accelerator
-        if self.sharded and train.compile != "false":
-            self.log("not compiling: train.sharding=fsdp runs eagerly (compiling sharded layers is not verified)")
-            train = dataclasses.replace(train, compile="false")
         forward, self.compiled = setup_training_forward(self.model, train, acc, self.data.sample(), self.log)
         if self.sharded:  # before the optimizer is made: sharding replaces the parameters
             sharding.shard_training_forward(forward, self.model, acc, self.data.sample(), self.log)

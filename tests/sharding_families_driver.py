@@ -10,16 +10,18 @@ each process held, and the largest logit difference of an evaluation call made w
 import copy
 import json
 import sys
+import tempfile
 
 import torch
 import torch.distributed as dist
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from peftkit import MethodConfig, methods, sharding
+from peftkit import MethodConfig, methods, runtime, sharding
 from peftkit.loss import TrainingForward
 from tests.test_families import FAMILIES, MOE
 
 SHARDED_FAMILIES = ("llama", "qwen2", "gemma2", "phi3", "gpt2", "gpt_neox", "mixtral", "qwen2_moe")
+COMPILED = ("llama",)  # also run with each decoder layer compiled before sharding, as train.compile does
 VOCAB, STEPS = 96, 3
 
 
@@ -63,13 +65,15 @@ def main():
     rows = torch.randint(0, VOCAB, (STEPS, 2 * world, 16), generator=torch.Generator().manual_seed(1))
     probe = torch.randint(0, VOCAB, (1, 12), generator=torch.Generator().manual_seed(2))
     results = {}
-    for family in SHARDED_FAMILIES:
+    for family, compiled in [(f, False) for f in SHARDED_FAMILIES] + [(f, True) for f in COMPILED]:
         model = build(family)
         reference = copy.deepcopy(model)
         ref_forward = TrainingForward(reference)
         ref_losses = train(ref_forward, [p for p in reference.parameters() if p.requires_grad], list(rows))
         frozen_whole = sum(p.numel() * p.element_size() for p in model.parameters() if not p.requires_grad)
         forward = TrainingForward(model)
+        if compiled:
+            assert runtime.compile_layers(model, tempfile.mkdtemp()) > 0
         sharding.shard(forward, model, torch.device("cpu"))
         with torch.no_grad():
             forward(input_ids=probe, labels=probe)  # FSDP2 sets itself up on the root's first call
@@ -83,7 +87,7 @@ def main():
         ref_logits = reference(input_ids=probe).logits.detach()
         adapter = sharding.adapter_state(forward)
         ref_adapter = {k.removeprefix("peft_model."): v for k, v in sharding.adapter_state(ref_forward).items()}
-        results[family] = {
+        results[family + ("+compile" if compiled else "")] = {
             "losses": losses,
             "reference_losses": ref_losses,
             "loss_diff": max(abs(a - b) for a, b in zip(losses, ref_losses, strict=True)),

@@ -177,9 +177,10 @@ def test_merge_of_a_sharded_runs_adapter(sharded_run, one_process, tmp_path):
 
 
 def test_families_train_sharded_as_unsharded(tmp_path):
-    """Llama, Qwen2, Gemma 2, Phi-3, GPT-2, GPT-NeoX and two MoE families (fused experts): sharded LoRA
-    training, the gathered adapter and an evaluation call with the root gathered all match unsharded."""
-    from tests.sharding_families_driver import SHARDED_FAMILIES
+    """Llama, Qwen2, Gemma 2, Phi-3, GPT-2, GPT-NeoX and two MoE families (fused experts), and Llama with
+    compiled layers: sharded LoRA training, the gathered adapter and an evaluation call with the root gathered
+    all match unsharded."""
+    from tests.sharding_families_driver import COMPILED, SHARDED_FAMILIES
 
     out = tmp_path / "families.json"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
@@ -188,7 +189,7 @@ def test_families_train_sharded_as_unsharded(tmp_path):
     result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     measured = json.loads(out.read_text())
-    assert list(measured) == list(SHARDED_FAMILIES)
+    assert list(measured) == [*SHARDED_FAMILIES, *(f"{f}+compile" for f in COMPILED)]
     for family, m in measured.items():
         assert 0.45 < m["frozen_share"] < 0.55, (family, m["frozen_share"])
         assert m["adapter_tensors"] > 0 and m["losses"][-1] != m["losses"][0], family
