@@ -26,6 +26,10 @@ class Callback:
     def on_fit_start(self, trainer) -> None:
         """Model, data and optimizer are set up (and a checkpoint restored, on resume); no step done yet."""
 
+    def on_optimizer_step(self, trainer) -> None:
+        """The optimizer applied an update (not called for a skipped, non-finite step); the gradients are not
+        cleared yet and `trainer.state.step` is still the step's index from 0 (AdaLoRA's rank allocation)."""
+
     def on_step_end(self, trainer, record) -> None:
         """After every optimizer step (`record`: a StepRecord; `record.skipped` for a non-finite step)."""
 

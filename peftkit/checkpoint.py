@@ -19,8 +19,11 @@ import torch
 from peftkit import sharding
 from peftkit.errors import PeftkitError
 from peftkit.hashing import sha256_file
+from peftkit.methods import adalora
+from peftkit.methods.adalora import is_adalora
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
+METHOD_STATE = "method_state.pt"  # what a method needs restored besides its adapter (AdaLoRA)
 
 
 def checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
@@ -62,13 +65,18 @@ def save_adapter(accelerator, model, out_dir: Path, initial: Path | None = None)
     sharded = sharding.is_sharded(model)
     state_dict = sharding.adapter_state(model) if sharded else accelerator.get_state_dict(model)
     unwrapped = accelerator.unwrap_model(model)
-    peft_model = getattr(unwrapped, "peft_model", unwrapped)  # the trainer prepares its TrainingForward
+    peft_model = _peft_model(accelerator, model)
     if peft_model is not unwrapped:
         state_dict = {k.removeprefix("peft_model."): v for k, v in state_dict.items()}
     if accelerator.is_main_process:
         # the conversion loads the initial adapter into the live model, so it reads the model's own state
         extra = {"path_initial_model_for_weight_conversion": str(initial)} if initial else {"state_dict": state_dict}
         peft_model.save_pretrained(out_dir, **extra)
+
+
+def _peft_model(accelerator, model):
+    unwrapped = accelerator.unwrap_model(model)
+    return getattr(unwrapped, "peft_model", unwrapped)  # the trainer prepares its TrainingForward
 
 
 def save(run_dir: Path, step: int, model, optimizer, scheduler, state: dict, accelerator) -> Path:
@@ -87,7 +95,10 @@ def save(run_dir: Path, step: int, model, optimizer, scheduler, state: dict, acc
         save_adapter(accelerator, model, partial / "adapter")
         # sharded moments are gathered whole (every process takes part): the same file as an unsharded run's
         optimizer_state = sharding.optimizer_state(optimizer) if sharding.is_sharded(model) else None
+        peft_model = _peft_model(accelerator, model)
         if accelerator.is_main_process:
+            if is_adalora(peft_model):  # the full-rank weights, ranks and scores peft's adapter folder lacks
+                torch.save(adalora.checkpoint_state(peft_model), partial / METHOD_STATE)
             torch.save(optimizer_state or optimizer.state_dict(), partial / "optimizer.pt")
             torch.save(scheduler.state_dict(), partial / "scheduler.pt")
             (partial / "state.json").write_text(json.dumps({**state, "step": step}, indent=2))
@@ -143,6 +154,9 @@ def load_adapter_weights(peft_model, adapter_dir: Path) -> None:
     file = adapter_dir / "adapter_model.safetensors"
     if not file.exists():
         raise PeftkitError(f"{adapter_dir}: no adapter_model.safetensors; the checkpoint is incomplete")
+    if (adapter_dir.parent / METHOD_STATE).exists():  # a checkpoint of AdaLoRA: its full-rank state
+        adalora.load_checkpoint_state(peft_model, torch.load(adapter_dir.parent / METHOD_STATE, weights_only=True))
+        return
     weights = load_file(file)
     if sharding.is_sharded(peft_model):
         current = get_peft_model_state_dict(peft_model)  # the same keys, laid out as the live model's

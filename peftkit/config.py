@@ -153,7 +153,8 @@ class DataConfig:
 class MethodConfig:
     name: str = _f(
         "lora",
-        "adapter method, from the registry in peftkit/methods: lora, dora, qlora (lora on a model.quantization "
+        "adapter method, from the registry in peftkit/methods: lora, dora, adalora (LoRA whose ranks are "
+        "re-allocated while training, from 1.5 x method.r to an average of method.r), qlora (lora on a model.quantization "
         "base), ia3, loha, lokr, prompt_tuning, prefix_tuning, top_layers (unfreeze the top blocks, no adapter)",
     )
     r: int = _f(16, "rank (LoRA, DoRA, LoHa, LoKr)")

@@ -29,6 +29,14 @@ def lost_peer(err: BaseException, processes: int) -> bool:
     return isinstance(err, dist_error) or (isinstance(err, RuntimeError) and bool(_LOST.search(str(err))))
 
 
+def slowest(accelerator, *values: float) -> tuple[float, ...]:
+    """Each value's largest across the processes (a collective: every process calls it); as given for one."""
+    if accelerator.num_processes < 2:
+        return values
+    local = torch.tensor([float(v) for v in values], dtype=torch.float64, device=accelerator.device)
+    return tuple(accelerator.gather(local[None]).max(dim=0).values.tolist())
+
+
 def run_aborted(err: BaseException, run_dir: Path, last_checkpoint: Path | None, timeout: str) -> RunAborted:
     first = (str(err).strip().splitlines() or [type(err).__name__])[0]
     first = re.sub(r"^\[[^\]]*\]\s*", "", first)[:160]  # gloo's source-file prefix says nothing to the user

@@ -110,11 +110,18 @@ def transforms_logits(config) -> str | None:
     return None
 
 
+def regularised(model) -> bool:
+    """Does the model's own forward add a penalty to the loss (AdaLoRA's orthogonality term)?"""
+    from peftkit.methods.adalora import is_adalora
+
+    return is_adalora(getattr(model, "module", model))
+
+
 def chunked_matches(model, input_ids: torch.Tensor, labels: torch.Tensor, **kwargs) -> bool:
     """Does the chunked loss reproduce the model's own loss on this batch? Checked once per model; a family
     that transforms its logits (`transforms_logits`) keeps its own loss."""
     parts = decoder_and_head(model)
-    if parts is None or transforms_logits(_base(model).config):
+    if parts is None or transforms_logits(_base(model).config) or regularised(model):
         return False
     if not (labels[:, 1:] != IGNORE_INDEX).any():
         return False  # nothing to compare on this batch; decide on a later one
@@ -228,6 +235,7 @@ def setup_training_forward(model, train, accelerator, sample, log) -> tuple[Trai
         if not chunked:
             key = transforms_logits(_base(model).config)
             why = f"it transforms its logits ({key})" if key else "or it prepends virtual tokens"
+            why = "AdaLoRA adds its orthogonality penalty in the model's own forward" if regularised(model) else why
             log(
                 f"train.chunked_loss: this model's loss is not plain cross-entropy over its output layer ({why}); "
                 "using its own forward, which holds every logit"

@@ -110,7 +110,7 @@ RUNTIME_MB = 450  # Python, torch, transformers and peft loaded, before any weig
 def _cost(config: Config, tokenizer, timed_steps: int, log) -> dict:
     """Trainable parameters, a memory estimate and tokens/s of the real training step on this machine."""
     acc = models.make_accelerator(config.train.mixed_precision)
-    model = methods.apply(config.method, models.load_model(config.model, log=log))
+    model = methods.apply(config.method, models.load_model(config.model, log=log), config.train.max_steps)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     batch, seq_len = config.train.batch_size, config.data.seq_len

@@ -77,6 +77,12 @@ def wanted(config, accelerator, launched: bool, log) -> bool:
             "accelerate#3983), which crashes or trains wrong; use QLoRA with train.sharding=none (DDP), or shard "
             "an unquantized base (docs/distribution.md)"
         )
+    if config.method.name in ("prompt_tuning", "prefix_tuning"):
+        raise PeftkitError(f"train.sharding=fsdp with method.name={config.method.name}: peft saves and loads virtual "
+                           "tokens by running their encoder on whole weights; use train.sharding=none (DDP)")  # fmt: skip
+    if config.method.name == "adalora":
+        raise PeftkitError("train.sharding=fsdp with method.name=adalora: its rank allocation reads whole "
+                           "weights and gradients; use train.sharding=none (DDP)")  # fmt: skip
     if converts_on_save(config.method):
         raise PeftkitError(
             f"train.sharding=fsdp with method.init={config.method.init}: converting PiSSA/OLoRA to plain LoRA at "
@@ -158,6 +164,15 @@ def gradient_sync(forward: nn.Module, sync: bool):
     if isinstance(forward, FSDPModule):
         forward.set_requires_gradient_sync(sync)
     yield
+
+
+def release_memory() -> None:
+    """Return freed tensors' memory (the shards, once training is over) before something large is loaded."""
+    import gc
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def full(tensor: torch.Tensor) -> torch.Tensor:

@@ -137,12 +137,12 @@ class Trainer:
         cfg, acc = self.config, self.accelerator
         self.tokenizer = models.load_tokenizer(cfg.model, log=self.log)
         base = models.load_model(cfg.model, log=self.log)
-        # bitsandbytes places quantized weights when loading; FSDP2 moves each process's shard to its GPU
-        if not getattr(base, "is_quantized", False) and not (self.sharded and acc.device.type != "cpu"):
+        if not getattr(base, "is_quantized", False):  # bitsandbytes places quantized weights when loading
             base.to(acc.device)
         # The forgetting reference comes from the untouched base, before any method can change it.
         self.answers = forgetting.base_answers(base, self.tokenizer, acc) if cfg.eval.kl_prompts else None
-        self.model = methods.apply(cfg.method, base)
+        self.model = methods.apply(cfg.method, base, None if cfg.train.time_budget_s else cfg.train.max_steps)
+        self.callbacks.callbacks[1:1] = methods.callbacks(cfg.method)  # after the guard, before the user's
         trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
         total = sum(p.numel() for p in self.model.parameters())
         self.param_counts = {"trainable_params": trainable, "total_params": total}
@@ -239,6 +239,7 @@ class Trainer:
             self.in_update = True  # an interrupt inside the update must not be checkpointed
             if finite:
                 self.optimizer.step()
+                self.callbacks.call("on_optimizer_step", self)  # gradients still there (AdaLoRA reads them)
             self.scheduler.step()  # the schedule follows the step count, skipped steps included
             self.optimizer.zero_grad(set_to_none=True)
             state.step += 1
@@ -284,17 +285,20 @@ class Trainer:
     def _plan_time_budget(self, bar) -> None:
         """Under train.time_budget: once enough steps are timed (3, and 5% of the budget), fix the step count
         that fits what is left of it, so the learning-rate schedule ends, annealed, when the budget does."""
-        budget, state = self.config.train.time_budget_s, self.state
-        timed, seconds = self.timer.steady_steps, self.timer.steady_seconds
+        budget, state, timer = self.config.train.time_budget_s, self.state, self.timer
+        # every process decides from the slowest one's clock, so all plan the same step count at the same step
+        timed, seconds, spent = distributed.slowest(
+            self.accelerator, timer.steady_steps, timer.steady_seconds, state.train_seconds
+        )
         if timed < 3 or seconds < 0.05 * budget:
             return
         per_step = seconds / timed
-        planned = state.step + max(0, int((budget - state.train_seconds) / per_step))
+        planned = state.step + max(0, int((budget - spent) / per_step))
         state.planned_steps = planned
         self._follow_plan(planned)
         bar.total = planned
         self.log(
-            f"train.time_budget: {per_step:.3f} s per step over {timed} steps; {planned} steps fit "
+            f"train.time_budget: {per_step:.3f} s per step over {int(timed)} steps; {planned} steps fit "
             f"{self.config.train.time_budget} (evaluations not counted)"
         )
 
@@ -437,6 +441,10 @@ class Trainer:
             from peft import PeftModel
 
             acc.wait_for_everyone()
+            if self.sharded:  # the shards and the optimizer's moments are done with: free them first
+                getattr(self.optimizer, "optimizer", self.optimizer).state.clear()
+                self.forward, self.params = None, []
+                sharding.release_memory()
             base = models.load_model(self.config.model, log=self.log)
             self.model = PeftModel.from_pretrained(base, self.run_dir / "adapter").to(acc.device)
 
@@ -464,6 +472,7 @@ class Trainer:
             planned_steps=state.planned_steps,
             adapted_modules=methods.adapted_modules(self.model),
             sharding="fsdp" if self.sharded else None,
+            adapter_ranks=methods.adalora.ranks(self.model) if methods.adalora.is_adalora(self.model) else None,
         )
 
     def evaluate(self, model=None) -> dict:
@@ -475,7 +484,7 @@ class Trainer:
             )
 
     def _require_setup(self, what: str) -> None:
-        if self.forward is None:
+        if self.model is None:
             raise PeftkitError(
                 f"Trainer.{what}(): the trainer is not set up (no model, data or optimizer yet); call fit(), or "
                 "setup() first. A finished run is evaluated with peftkit.evaluation.evaluate_run(RUN_DIR)"

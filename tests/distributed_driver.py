@@ -15,11 +15,20 @@ def local_bytes(tensor) -> int:
     return local.numel() * local.element_size()
 
 
+class FrozenBytes:
+    """At the end of training, before the kept adapter is saved: the trained (maybe sharded) model's frozen base."""
+
+    def on_train_end(self, trainer):
+        frozen = [p for p in trainer.forward.parameters() if not p.requires_grad]
+        self.held = sum(local_bytes(p) for p in frozen)
+        self.whole = sum(p.numel() * p.element_size() for p in frozen)
+
+
 config = Config.from_yaml(sys.argv[1]).override(sys.argv[3:])
-trainer = Trainer(config, log=lambda _: None)
+frozen = FrozenBytes()
+trainer = Trainer(config, callbacks=[frozen], log=lambda _: None)
 trainer.fit()
 rank = trainer.accelerator.process_index
-frozen = [p for p in trainer.forward.parameters() if not p.requires_grad]  # the trained (maybe sharded) model
 state = {
     k: v.detach().clone() for k, v in get_peft_model_state_dict(trainer.accelerator.unwrap_model(trainer.model)).items()
 }
@@ -27,8 +36,8 @@ torch.save(
     {
         "world": trainer.accelerator.num_processes,
         "sharded": trainer.sharded,
-        "frozen_bytes": sum(local_bytes(p) for p in frozen),
-        "frozen_bytes_whole": sum(p.numel() * p.element_size() for p in frozen),
+        "frozen_bytes": frozen.held,
+        "frozen_bytes_whole": frozen.whole,
         "state": state,
     },
     f"{sys.argv[2]}/rank{rank}.pt",

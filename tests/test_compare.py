@@ -23,6 +23,7 @@ OVERRIDES_BEFORE_PRESETS = {
     "pissa": ["--method.init=pissa"],
     "lora_plus": ["--method.lora_plus_ratio=16", "--train.lr=2.5e-4"],
     "qlora": ["--model.quantization=nf4", "--method.name=qlora"],
+    "adalora": ["--method.name=adalora"],
     "ia3": ["--method.name=ia3", "--method.target_modules=k_proj,v_proj,down_proj", "--train.lr=5e-3"],
     "loha": ["--method.name=loha", "--method.r=8", "--method.alpha=16"],
     "lokr": ["--method.name=lokr", "--train.lr=1e-3"],

@@ -180,3 +180,15 @@ def test_zero3_is_refused_before_training_naming_fsdp2():
     checkpoint.check_supported(deepspeed(2))
     for kind in (DistributedType.MULTI_GPU, DistributedType.MULTI_CPU, DistributedType.FSDP):
         checkpoint.check_supported(SimpleNamespace(distributed_type=kind))
+
+
+def test_a_time_budgeted_run_plans_one_step_count_on_every_process(dist_config, tmp_path):
+    """Each process times its own steps; the plan is made from the slowest clock, so every process stops at the
+    same step (a process planning more steps than the other would wait at its next all-reduce forever)."""
+    out = tmp_path / "budget"
+    launch(["--config_file", str(ROOT / "recipes" / "accelerate" / "cpu_2proc.yaml")], dist_config, out,
+           ["--train.time_budget=4s", "--train.collective_timeout=60s", "--eval.every_steps=1000",
+            f"--output_dir={out / 'run'}"])  # fmt: skip
+    assert [r["world"] for r in ranks(out)] == [2, 2]
+    report = json.loads((out / "run" / "report.json").read_text())
+    assert report["planned_steps"] == report["final_step"] > 3

@@ -351,6 +351,8 @@ class TrainingSummary(JsonRecord):
     """Under train.time_budget: the step count that fitted the budget once the step time was measured."""
     adapted_modules: dict[str, Any] | None = optional()
     """What method.target_modules resolved to: {"names": short module names, "count": adapted weights}."""
+    adapter_ranks: dict[str, int] | None = optional()
+    """AdaLoRA: the rank each adapted weight was left with after the budget re-allocation."""
     sharding: str | None = optional()
     """"fsdp" when the weights were sharded across the processes (FSDP2, train.sharding); absent otherwise."""
 

@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from peftkit.config import Config
 
 _REGISTRY: dict[str, Callable] = {}
+_STEPPED: set[str] = set()  # methods whose builder takes the run's length (AdaLoRA's rank schedule)
 _PRESETS: dict[str, Preset] = {}  # in declaration order: the order of `peftkit compare`'s table
 
 
@@ -55,12 +56,15 @@ def _text(value: object) -> str:
     return str(value)
 
 
-def register(name: str, preset: dict[str, object] | None = None) -> Callable[[Callable], Callable]:
+def register(name: str, preset: dict[str, object] | None = None, steps: bool = False) -> Callable[[Callable], Callable]:
     """Register a method's builder under `name`, with its preset (`preset`: settings on top of a LoRA
-    recipe, as dotted config keys, e.g. {"train.lr": 1e-3}) under the same name."""
+    recipe, as dotted config keys, e.g. {"train.lr": 1e-3}) under the same name. `steps`: the builder also
+    takes `total_steps`, the run's length (None when it is not known before training)."""
 
     def decorate(build: Callable) -> Callable:
         _REGISTRY[name] = build
+        if steps:
+            _STEPPED.add(name)
         variant(name, name, preset or {})
         return build
 
@@ -93,8 +97,9 @@ def preset(name: str) -> Preset:
     return _PRESETS[name]
 
 
-def apply(config, model):
-    """Wrap `model` with the method `config.name` describes; base weights end up frozen."""
+def apply(config, model, total_steps: int | None = None):
+    """Wrap `model` with the method `config.name` describes; base weights end up frozen. `total_steps`: the
+    optimizer steps the run will take, for methods whose schedule depends on it (AdaLoRA)."""
     from peft import prepare_model_for_kbit_training
 
     if config.name not in _REGISTRY:
@@ -102,7 +107,8 @@ def apply(config, model):
     if getattr(model, "is_quantized", False):
         # fp32 norms and embeddings, input gradients on; no gradient checkpointing (it costs speed, not needed here)
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-    peft_model = _REGISTRY[config.name](config, model)
+    build = _REGISTRY[config.name]
+    peft_model = build(config, model, total_steps) if config.name in _STEPPED else build(config, model)
     if config.neftune_alpha:
         from transformers.integrations.neftune import activate_neftune
 
@@ -183,6 +189,15 @@ def optimizer(config, model, lr: float, weight_decay: float) -> torch.optim.Opti
         return create_loraplus_optimizer(model, torch.optim.AdamW, lr=lr, loraplus_lr_ratio=config.lora_plus_ratio,
                                          weight_decay=weight_decay)  # fmt: skip
     return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=weight_decay)
+
+
+def callbacks(config) -> list:
+    """Callbacks a method needs in the training loop (AdaLoRA's rank allocation after every step)."""
+    if config.name == "adalora":
+        from peftkit.methods.adalora import RankAllocation
+
+        return [RankAllocation()]
+    return []
 
 
 def converts_on_save(config) -> bool:
