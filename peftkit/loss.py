@@ -191,12 +191,24 @@ class TrainingForward(nn.Module):
         tuners = [m for m in peft_model.modules() if isinstance(m, BaseTunerLayer)]
         self.autocast = autocast and all(hasattr(m, "cast_input_dtype_enabled") for m in tuners)
         self.compiled_loss = compiled_loss  # the loss chunk through torch.compile (the trainer compiles)
+        # the part of the last loss that is a penalty on the weights, not prediction (AdaLoRA's orthogonality term):
+        # backpropagated, but left out of the training loss that is logged and compared with validation
+        self.penalty = torch.zeros(())
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, **kwargs) -> torch.Tensor:
         from peft.helpers import disable_input_dtype_casting
 
         with disable_input_dtype_casting(self.peft_model, active=self.autocast):
-            parts = decoder_and_head(self.peft_model) if self.chunked else None
+            penalised = regularised(self.peft_model)  # its penalty comes with the model's own loss only
+            parts = decoder_and_head(self.peft_model) if self.chunked and not penalised else None
+            if penalised:
+                out = self.peft_model(input_ids=input_ids, labels=labels, use_cache=False, **kwargs)
+                with torch.no_grad():
+                    logits = out.logits[:, :-1].float()
+                    ce = F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels[:, 1:].reshape(-1),
+                                         ignore_index=IGNORE_INDEX)  # fmt: skip
+                self.penalty = out.loss.detach() - ce
+                return out.loss
             if parts is None:
                 return model_loss(self.peft_model, input_ids, labels, **kwargs)
             decoder, head = parts

@@ -131,7 +131,16 @@ def shard(forward: nn.Module, model: nn.Module, device: torch.device) -> int:
 
 
 def shard_training_forward(forward: nn.Module, model: nn.Module, accelerator, sample, log) -> None:
-    """`shard`, then one call of the root (FSDP2 sets itself up on it, before evaluation calls the model)."""
+    """`shard`, then one call of the root (FSDP2 sets itself up on it, before evaluation calls the model).
+
+    Whether evaluation may use the chunked loss is decided here, on the same row everywhere, before the
+    weights are split: decided later, on each process's own first rows, one process could check (two
+    extra forward calls, each gathering every layer) while another did not, and their gathers would
+    no longer pair up."""
+    from peftkit.loss import chunked_matches
+
+    with torch.no_grad(), accelerator.autocast():
+        chunked_matches(model, sample.input_ids.to(accelerator.device), sample.labels.to(accelerator.device))
     layers = shard(forward, model, accelerator.device)
     with torch.no_grad(), accelerator.autocast():
         forward(**sample.to(accelerator.device).model_inputs())

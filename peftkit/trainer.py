@@ -322,7 +322,7 @@ class Trainer:
                 with acc.autocast() if self.sharded else nullcontext():  # Accelerate's prepare() adds it otherwise
                     loss = self.forward(**batch.model_inputs()) / train.grad_accum  # scale for accumulation
                 acc.backward(loss)
-            step_loss += loss.detach()
+            step_loss += loss.detach() - acc.unwrap_model(self.forward).penalty / train.grad_accum  # prediction only
         grad_norm = acc.clip_grad_norm_(self.params, train.max_grad_norm) if train.max_grad_norm else None
         step_loss = acc.reduce(step_loss, reduction="mean").item()
         return step_loss, None if grad_norm is None else float(sharding.full(grad_norm))

@@ -104,3 +104,19 @@ def test_best_step_restore_brings_back_that_steps_ranks(tiny_config, tmp_path_fa
         restored = model.eval()(input_ids=ids).logits
         final = trainer.model.eval()(input_ids=ids).logits
     assert torch.allclose(restored, saved, atol=1e-5) and not torch.allclose(restored, final, atol=1e-3)
+
+
+def test_the_logged_training_loss_leaves_out_the_orthogonality_penalty(tiny_config, tmp_path_factory, runs):
+    """AdaLoRA's forward adds 0.5 x its orthogonality penalty to the loss it backpropagates; the training loss
+    in metrics.jsonl (and the train/validation gap from it) is the prediction loss alone."""
+    from peftkit.loss import TrainingForward
+
+    trainer = trained(tiny_config, tmp_path_factory, runs)
+    forward = TrainingForward(trainer.model, chunked=True)
+    ids = trainer.data.sample().input_ids
+    total = forward(input_ids=ids, labels=ids)
+    assert forward.penalty > 0
+    with torch.no_grad():
+        logits = trainer.model(input_ids=ids).logits[:, :-1]
+        ce = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), ids[:, 1:].reshape(-1))
+    assert torch.isclose(total.detach() - forward.penalty, ce, atol=1e-5)
