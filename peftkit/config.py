@@ -167,6 +167,11 @@ class MethodConfig:
         "attn.c_proj) or re:REGEX over module names; see docs/models.md",
     )
     layers: list[int] = _f([], "adapt only these block indices (peft layers_to_transform); empty = all blocks")
+    auto_layers: int = _f(
+        0,
+        "adapt only the N blocks where the adapter's gradient on the first training batches is largest, measured "
+        "before training (method.layers=auto; the scores and the choice are in report.json); 0 = off",
+    )
     rslora: bool = _f(False, "rank-stabilised LoRA: scale alpha / sqrt(r) instead of alpha / r")
     init: str = _f(
         "default",
@@ -197,6 +202,11 @@ class MethodConfig:
                 except re.error as err:
                     _require(False, "method.target_modules", f"{entry!r} is not a valid regular expression ({err})")
         _require(all(i >= 0 for i in self.layers), "method.layers", f"block indices must be >= 0, got {self.layers}")
+        _require(self.auto_layers >= 0, "method.auto_layers", f"must be >= 0, got {self.auto_layers}")
+        if self.auto_layers:
+            from peftkit.methods.layer_choice import check
+
+            check(self)
         _require(self.lora_plus_ratio == 0 or self.lora_plus_ratio >= 1, "method.lora_plus_ratio",
                  f"must be 0 (off) or >= 1 (B learns faster than A), got {self.lora_plus_ratio}")  # fmt: skip
         _require(self.neftune_alpha >= 0, "method.neftune_alpha", f"must be >= 0, got {self.neftune_alpha}")

@@ -110,7 +110,12 @@ RUNTIME_MB = 450  # Python, torch, transformers and peft loaded, before any weig
 def _cost(config: Config, tokenizer, timed_steps: int, log) -> dict:
     """Trainable parameters, a memory estimate and tokens/s of the real training step on this machine."""
     acc = models.make_accelerator(config.train.mixed_precision)
+    from accelerate.utils import set_seed
+
+    set_seed(config.seed)  # the adapter starts as the run's does (method.auto_layers measures it)
     model = methods.apply(config.method, models.load_model(config.model, log=log), config.train.max_steps)
+    choice = _choose_layers(config, tokenizer, model.to(acc.device), acc, log) if config.method.auto_layers else {}
+    model = choice.pop("model", model)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     batch, seq_len = config.train.batch_size, config.data.seq_len
@@ -144,10 +149,24 @@ def _cost(config: Config, tokenizer, timed_steps: int, log) -> dict:
     activations = sum(n for ptr, n in kept.items() if ptr not in weights) * batch / timed_batch
     estimate = (weight_bytes + logits + activations + optimizer) / 2**20 + RUNTIME_MB
     return {"trainable_params": trainable, "memory_estimate_mb": estimate,
-            "tokens_per_s": tokens_per_s, "adapted_modules": methods.adapted_modules(model)}  # fmt: skip
+            "tokens_per_s": tokens_per_s, "adapted_modules": methods.adapted_modules(model), **choice}  # fmt: skip
+
+
+def _choose_layers(config: Config, tokenizer, model, acc, log) -> dict:
+    """method.auto_layers as the run will do it: its training rows, its gradient probe, its choice."""
+    from peftkit.data.training import build_training_data
+    from peftkit.loss import documents_kept_apart
+    from peftkit.methods import layer_choice
+
+    separate = config.data.separate_documents and documents_kept_apart(model)
+    training = build_training_data(config, tokenizer, acc, separate, log=lambda _: None)
+    model, choice = layer_choice.reapply(config, model, training, acc, log=lambda _: None)
+    return {"model": model, **choice}
 
 
 def format_preview(p: dict, config: Config) -> str:
+    from peftkit.evaluation.render import layer_bars
+
     def duration(seconds: float) -> str:
         return f"{seconds / 60:.1f} min" if seconds < 5400 else f"{seconds / 3600:.1f} h"
 
@@ -172,6 +191,15 @@ def format_preview(p: dict, config: Config) -> str:
         f"faster) -> one epoch "
         f"{duration(p['seconds_per_epoch'])}; train.max_steps={config.train.max_steps} "
         f"({p['epochs']:.2f} epochs) {duration(p['seconds_for_max_steps'])} plus evaluation",
+        *(
+            [
+                f"method.auto_layers={config.method.auto_layers}: blocks {p['chosen_layers']} (each block's share of the "
+                "adapter's gradient on the first training batches):"
+            ]
+            + [f"  {bar}" for bar in layer_bars(p)]
+            if p.get("layer_scores")
+            else []
+        ),
         "first training row:",
         "  " + p["example"][:600].replace("\n", " ") + (" ..." if len(p["example"]) > 600 else ""),
     ]

@@ -39,6 +39,7 @@ from peftkit.evaluation.verdict_rules import decide
 from peftkit.locking import OutputLock
 from peftkit.loss import documents_kept_apart, setup_training_forward
 from peftkit.manifest import write_manifest
+from peftkit.methods import layer_choice
 from peftkit.rundir import check_run_dir, reset_run_dir, truncate_metrics
 from peftkit.state import UNPLANNED, StepRecord, StepTimer, TrainState, evaluation_message, lr_scheduler, tracker_params
 
@@ -73,6 +74,7 @@ class Trainer:
         self.params: list[torch.nn.Parameter] = []  # the trainable parameters (clipped together)
         self.param_counts = {"trainable_params": 0, "total_params": 0}
         self.compiled = False  # decoder layers compiled (regional torch.compile)
+        self.layer_choice: dict = {}  # method.auto_layers: {"layer_scores": [...], "chosen_layers": [...]}
         self.sharded = False  # FSDP2: each process holds 1/N of the weights (train.sharding, peftkit.sharding)
         self.global_batch = 0  # rows per optimizer step, all processes and micro-batches together
         # the last step: train.max_steps, or under a time budget unknown (no end) until the step time is measured
@@ -127,6 +129,11 @@ class Trainer:
         set_seed(self.config.seed)
         self._setup_model()
         self._setup_data()
+        if self.config.method.auto_layers:  # measured on the training data, so after it is set up
+            self.model, self.layer_choice = layer_choice.reapply(
+                self.config, self.model, self.data, self.accelerator, self.log
+            )
+            self.param_counts["trainable_params"] = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
         self._setup_optimizer()
         self._setup_run_dir(resume)
         if self.state.step == 0:
@@ -472,6 +479,7 @@ class Trainer:
             planned_steps=state.planned_steps,
             adapted_modules=methods.adapted_modules(self.model),
             sharding="fsdp" if self.sharded else None,
+            **self.layer_choice,
             adapter_ranks=methods.adalora.ranks(self.model) if methods.adalora.is_adalora(self.model) else None,
         )
 

@@ -202,6 +202,19 @@ def _kept_checkpoint(report: RunReport) -> tuple[str, str]:
     return f"step {training.adapter_step} of {training.final_step}", training.stop_reason or ""
 
 
+def layer_bars(training) -> list[str]:
+    """method.auto_layers: each block's gradient share as a bar, the chosen blocks marked (a text chart).
+    `training`: a TrainingSummary, or a dict with layer_scores and chosen_layers (the preview's)."""
+    read = training.get if isinstance(training, dict) else lambda key: getattr(training, key, None)
+    scores = read("layer_scores") if training is not None else None
+    if not scores:
+        return []
+    top = max(scores) or 1.0
+    chosen = set(read("chosen_layers") or [])
+    return [f"block {i:>3} {'#' * max(1, round(30 * s / top)):<30} {s:.3f}{'  <- adapted' if i in chosen else ''}"
+            for i, s in enumerate(scores)]  # fmt: skip
+
+
 def write_report_files(run_dir: Path) -> tuple[Path, Path]:
     """Write RUN_DIR/loss_curves.png, report.md and report.html from report.json and metrics.jsonl."""
     run_dir = Path(run_dir)
@@ -219,6 +232,8 @@ def write_report_files(run_dir: Path) -> tuple[Path, Path]:
     config = (run_dir / "config.yaml").read_text() if (run_dir / "config.yaml").exists() else ""
     kept, stop_reason = _kept_checkpoint(report)
     summary = data_summary(report)
+    bars = layer_bars(report.training)
+    bars_title = "Blocks chosen by method.auto_layers (share of the adapter's gradient before training)"
 
     md = [f"# peftkit report: {run_dir.name}", "", f"**Verdict: {summary_line}**", ""]
     md += [f"- **{reason}**" if reason in deciding else f"- {reason}" for reason in reasons]
@@ -226,6 +241,7 @@ def write_report_files(run_dir: Path) -> tuple[Path, Path]:
     md += [f"| {' | '.join(row)} |" for row in rows]
     md += ["", f"Kept checkpoint: {kept}; {stop_reason}.", "", f"Data: {summary}", ""]
     md += [f"Cost: {cost}", ""] if cost else []
+    md += [f"## {bars_title}", "", "```", *bars, "```", ""] if bars else []
     md += ["![loss curves](loss_curves.png)", "", "## Config", "", "```yaml", config.strip(), "```", ""]
     md_path = run_dir / "report.md"
     md_path.write_text("\n".join(md))
@@ -249,6 +265,7 @@ pre{{background:#f6f6f6;padding:1em;overflow:auto}}</style></head><body>
 {html.escape(stop_reason)}.</p>
 <p>Data: {html.escape(summary)}</p>
 <p>Cost: {html.escape(cost or "n/a")}</p>
+{f"<h2>{bars_title}</h2><pre>{html.escape(chr(10).join(bars))}</pre>" if bars else ""}
 <img alt="loss curves" src="data:image/png;base64,{image}">
 <h2>Config</h2><pre>{html.escape(config)}</pre></body></html>"""
     html_path = run_dir / "report.html"

@@ -351,6 +351,10 @@ class TrainingSummary(JsonRecord):
     """Under train.time_budget: the step count that fitted the budget once the step time was measured."""
     adapted_modules: dict[str, Any] | None = optional()
     """What method.target_modules resolved to: {"names": short module names, "count": adapted weights}."""
+    layer_scores: list[float] | None = optional()
+    """method.auto_layers: each block's share of the adapter's gradient norm, measured before training."""
+    chosen_layers: list[int] | None = optional()
+    """method.auto_layers: the blocks the adapter was put on (the highest scores)."""
     adapter_ranks: dict[str, int] | None = optional()
     """AdaLoRA: the rank each adapted weight was left with after the budget re-allocation."""
     sharding: str | None = optional()
