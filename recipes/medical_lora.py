@@ -5,9 +5,9 @@ Run:
     accelerate launch recipes/medical_lora.py
     peftkit train recipes/medical_lora.py --train.lr=3e-4
 
-On the bundled defaults (2 CPU cores, bf16): 40 steps of 8 x 512 tokens (164k tokens; 5 minutes of
-training at 593 tokens/s, 9 minutes 17 s for the whole `scripts/demo` with warm caches, measured
-2026-11-22). The report compares base and tuned model on 16k held-out PubMed
+On the bundled defaults (2 CPU cores, bf16): 40 steps of 8 x 512 tokens (164k tokens; 3.2 minutes of
+training at 971 tokens/s, 5 minutes 46 s for the whole `scripts/demo` with warm caches, measured
+2026-12-04). The report compares base and tuned model on 16k held-out PubMed
 tokens and 16k tokens of general-English Wikipedia (perplexity), on general prompts (KL from the
 base model's answers) and on 60 medical and 60 other MMLU questions, checks memorisation and
 train/test leakage, and ends with a verdict: was the fine-tune worth it?
