@@ -241,9 +241,10 @@ def setup_training_forward(model, train, accelerator, sample, log) -> tuple[Trai
 
     chunked = train.chunked_loss
     if chunked:
-        device = next(model.parameters()).device  # the accelerator's, or the CPU until FSDP2 places the shards
         with accelerator.autocast():
-            chunked = chunked_matches(model, sample.input_ids.to(device), sample.labels.to(device))
+            chunked = chunked_matches(
+                model, sample.input_ids.to(accelerator.device), sample.labels.to(accelerator.device)
+            )
         if not chunked:
             key = transforms_logits(_base(model).config)
             why = f"it transforms its logits ({key})" if key else "or it prepends virtual tokens"

@@ -114,7 +114,7 @@ def _cost(config: Config, tokenizer, timed_steps: int, log) -> dict:
 
     set_seed(config.seed)  # the adapter starts as the run's does (method.auto_layers measures it)
     model = methods.apply(config.method, models.load_model(config.model, log=log), config.train.max_steps)
-    choice = _choose_layers(config, tokenizer, model.to(acc.device), acc, log) if config.method.auto_layers else {}
+    choice = _choose_layers(config, tokenizer, model.to(acc.device), acc) if config.method.auto_layers else {}
     model = choice.pop("model", model)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
@@ -152,7 +152,7 @@ def _cost(config: Config, tokenizer, timed_steps: int, log) -> dict:
             "tokens_per_s": tokens_per_s, "adapted_modules": methods.adapted_modules(model), **choice}  # fmt: skip
 
 
-def _choose_layers(config: Config, tokenizer, model, acc, log) -> dict:
+def _choose_layers(config: Config, tokenizer, model, acc) -> dict:
     """method.auto_layers as the run will do it: its training rows, its gradient probe, its choice."""
     from peftkit.data.training import build_training_data
     from peftkit.loss import documents_kept_apart

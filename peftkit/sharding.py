@@ -23,8 +23,6 @@ from torch import nn
 
 from peftkit.errors import PeftkitError
 
-SHARDING = ("none", "fsdp")
-
 
 def launched_sharded() -> bool:
     """Did `accelerate launch` get an FSDP config (distributed_type: FSDP)? It says so in the environment."""

@@ -32,6 +32,21 @@ def launch(args: list[str], config: Path, out: Path, overrides: list[str], timeo
     return result
 
 
+def launch_ddp(config, tmp_path: Path) -> tuple[list[dict], dict]:
+    """`config` (a Config) trained by 2 DDP processes (cpu_2proc.yaml): each process's adapter, checked
+    identical across the two, and the run's report."""
+    path = tmp_path / "ddp.yaml"
+    config.save_yaml(path)
+    out = tmp_path / "ddp"
+    launch(["--config_file", str(ROOT / "recipes" / "accelerate" / "cpu_2proc.yaml")], path, out,
+           [f"--output_dir={out / 'run'}"])  # fmt: skip
+    both = ranks(out)
+    assert [r["world"] for r in both] == [2, 2] and both[0]["state"].keys() == both[1]["state"].keys()
+    for key, value in both[0]["state"].items():
+        assert torch.equal(value, both[1]["state"][key]), key
+    return both, json.loads((out / "run" / "report.json").read_text())
+
+
 def ranks(out: Path) -> list[dict]:
     return [torch.load(p, weights_only=True) for p in sorted(out.glob("rank*.pt"))]
 

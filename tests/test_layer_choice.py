@@ -75,17 +75,8 @@ def test_preview_shows_the_blocks_the_run_will_choose(tiny_config, tmp_path):
 def test_two_processes_choose_the_same_blocks(tiny_config, tmp_path):
     """Each process measures its own batches; the scores are summed over processes, so both adapt the same
     blocks (different choices would give the processes different models and break DDP)."""
-    from tests.test_distributed import ROOT, launch, ranks
+    from tests.test_distributed import launch_ddp
 
     config = short(tiny_config, tmp_path / "unused", auto_layers=1)
-    config = dataclasses.replace(config, train=dataclasses.replace(config.train, batch_size=2))
-    path = tmp_path / "auto.yaml"
-    config.save_yaml(path)
-    out = tmp_path / "ddp"
-    launch(["--config_file", str(ROOT / "recipes" / "accelerate" / "cpu_2proc.yaml")], path, out,
-           [f"--output_dir={out / 'run'}"])  # fmt: skip
-    both = ranks(out)
-    assert [r["world"] for r in both] == [2, 2] and both[0]["state"].keys() == both[1]["state"].keys()
-    assert all(torch.equal(v, both[1]["state"][k]) for k, v in both[0]["state"].items())
-    report = json.loads((out / "run" / "report.json").read_text())
+    _, report = launch_ddp(dataclasses.replace(config, train=dataclasses.replace(config.train, batch_size=2)), tmp_path)
     assert len(report["chosen_layers"]) == 1 and abs(sum(report["layer_scores"]) - 1) < 1e-6
