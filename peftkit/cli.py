@@ -13,6 +13,8 @@ from peftkit.compare import METHODS
 from peftkit.config import Config, describe
 from peftkit.errors import PeftkitError
 
+COMPARED = ["lora", "dora", "ia3", "prompt_tuning", "top_layers"]  # `peftkit compare`'s default
+
 
 def config_help() -> str:
     lines = ["config keys (override with --key=value):"]
@@ -84,6 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--folds", type=int, default=5, help="number of folds (default 5)")
     p = commands.add_parser("eval", help="recompute RUN_DIR/report.json (base vs tuned perplexity)")
     p.add_argument("run_dir")
+    p.add_argument("--recompute", action="store_true", help="recompute the base model's side too (not from the cache)")
     p = commands.add_parser("merge", help="merge a run's adapter (or several, weighted) into the base model")
     p.add_argument("run_dir", nargs="?", help="the run folder whose adapter to merge")
     p.add_argument("--adapters", nargs="+", default=[], help="several run folders to combine instead")
@@ -102,9 +105,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--methods",
         nargs="+",
-        default=["lora", "dora", "ia3", "prompt_tuning", "top_layers"],
-        help="methods to compare: " + ", ".join(METHODS),
+        help="methods to compare (default lora dora ia3 prompt_tuning top_layers; none with --arm): "
+        + ", ".join(METHODS),
     )
+    p.add_argument("--arm", nargs="+", action="append", default=[], metavar="NAME KEY=VALUE",
+                   help="another run: a name, then overrides of the recipe (repeatable; a sweep)")  # fmt: skip
     p.add_argument("--out", default="runs/compare", help="folder for the runs and compare.md/.json/.png")
     p = commands.add_parser("export", help="write a merged model folder as GGUF, checked by reloading it")
     p.add_argument("model_dir", help="a model folder, e.g. the --out of `peftkit merge`")
@@ -158,7 +163,7 @@ def _dispatch(args, rest: list[str]) -> None:
         from peftkit.evaluation import evaluate_run
         from peftkit.evaluation.render import print_report
 
-        print_report(evaluate_run(Path(args.run_dir)))
+        print_report(evaluate_run(Path(args.run_dir), recompute=args.recompute))
     elif args.command == "generate":
         from peftkit.generate import run
 
@@ -176,7 +181,8 @@ def _dispatch(args, rest: list[str]) -> None:
     elif args.command == "compare":
         from peftkit.compare import compare
 
-        compare(args.target, args.methods, Path(args.out), rest)
+        chosen = args.methods if args.methods is not None else [] if args.arm else COMPARED
+        compare(args.target, chosen, Path(args.out), rest, arms=args.arm)
     elif args.command == "export":
         from peftkit.export import export_gguf
 

@@ -28,18 +28,27 @@ if TYPE_CHECKING:
 METHODS: dict[str, list[str]] = {name: preset.overrides() for name, preset in registry.presets().items()}
 
 
-def compare(target: str, methods: list[str], out: Path, overrides: list[str], log=print) -> list[dict]:
-    """Train `target` (a recipe or YAML config) once per method into out/METHOD and tabulate the reports."""
+def compare(
+    target: str, methods: list[str], out: Path, overrides: list[str], log=print, arms: list[list[str]] = ()
+) -> list[dict]:
+    """Train `target` (a recipe or YAML config) once per method into out/METHOD and tabulate the reports.
+    `arms`: more runs, each [NAME, key=value, ...] (a sweep: the recipe with those overrides, into out/NAME)."""
     presets = registry.presets()
     unknown = [m for m in methods if m not in presets]
     if unknown:
         raise PeftkitError(f"--methods: unknown {', '.join(unknown)}; choose from {', '.join(presets)}")
+    runs = {method: presets[method].overrides() for method in methods}
+    for name, *settings in arms:
+        if not name.replace("-", "").replace("_", "").replace(".", "").isalnum() or "=" in name or name in runs:
+            raise PeftkitError(f"--arm {name}: an arm starts with a new name of letters, digits, '-', '_' or '.', "
+                               "then its key=value overrides (e.g. --arm lr1e-3 train.lr=1e-3)")  # fmt: skip
+        runs[name] = [s if s.startswith("--") else f"--{s}" for s in settings]
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     rows = []
-    for method in methods:
+    for method, settings in runs.items():
         run_dir = out / method
-        command = [sys.executable, "-m", "peftkit.cli", "train", target, *overrides, *presets[method].overrides(),
+        command = [sys.executable, "-m", "peftkit.cli", "train", target, *overrides, *settings,
                    f"--output_dir={run_dir}", "--train.overwrite=true", "--train.progress=false"]  # fmt: skip
         log(f"[{method}] {' '.join(command[3:])}")
         started = time.perf_counter()
@@ -84,6 +93,8 @@ def _row(method: str, report: RunReport | dict, peak_mb: float | None, wall_s: f
     qa = (report.qa or {}).get("medical")
     return {
         "method": method,
+        "steps": training.final_step,
+        "train_s": _rounded((training.train_seconds or 0.0) + (training.first_step_s or 0.0), 1),
         "trainable_params": training.trainable_params,
         "trainable_share": _rounded(training.trainable_params / training.total_params, 6)
         if training.total_params
@@ -114,13 +125,13 @@ def format_table(rows: list[dict]) -> str:
         new, old = r[column], r[f"{column}_base"]
         return f"{old} -> {new} ({pct(new, old)})" if new is not None and old is not None else "-"
 
-    lines = ["| method | trainable | tokens/s | peak RSS | domain ppl | general ppl | KL from base | medical QA | verdict |",
-             "|---|---:|---:|---:|---|---|---:|---|---|"]  # fmt: skip
+    lines = ["| run | steps | trainable | tokens/s | peak RSS | domain ppl | general ppl | KL from base | medical QA "
+             "| verdict |", "|---|---:|---:|---:|---:|---|---|---:|---|---|"]  # fmt: skip
     for r in rows:
         qa = f"{r['medical_qa_base']:.0%} -> {r['medical_qa']:.0%}" if r["medical_qa"] is not None else "-"
         kl = f"{r['general_kl']:.3f}" if r["general_kl"] is not None else "-"
         lines.append(
-            f"| {r['method']} | {r['trainable_params']:,} ({r['trainable_share']:.2%}) | {r['tokens_per_s'] or 0:.0f} "
+            f"| {r['method']} | {r.get('steps') or '-'} | {r['trainable_params']:,} ({r['trainable_share']:.2%}) | {r['tokens_per_s'] or 0:.0f} "
             f"| {r['peak_rss_mb'] or 0:,.0f} MB | {change(r, 'domain_ppl')} | {change(r, 'general_ppl')} "
             f"| {kl} | {qa} | {r['verdict']} |"
         )

@@ -360,6 +360,11 @@ class EvalConfig:
         choices=("all",),
     )
     diagnostics: bool = _f(True, "memorisation and train/held-out leakage checks in the final report")
+    cache: bool = _f(
+        True,
+        "reuse the base model's final-evaluation results (and the leakage check) from earlier runs of the same base "
+        "and data ($PEFTKIT_CACHE/eval, keyed by hashes of both); false = recompute and rewrite them",
+    )
     serving_tokens: int = _f(
         8,
         "serving cost in the final report: ms per token of greedy decoding this many tokens on 3 fixed prompts, "

@@ -43,7 +43,9 @@ def fingerprint(text: str) -> str:
 def matches(train: list[str], held_out: list[str], threshold: float = NEAR_DUPLICATE_JACCARD) -> dict[int, tuple]:
     """{held-out index: (train index, Jaccard)} for each held-out document that training also holds,
     identical up to case and punctuation (Jaccard 1.0) or with 5-gram Jaccard >= threshold."""
-    held_prints = {fingerprint(t): i for i, t in enumerate(held_out)}
+    held_prints: dict[str, list[int]] = defaultdict(list)  # a text held out twice is found twice
+    for i, t in enumerate(held_out):
+        held_prints[fingerprint(t)].append(i)
     held_sets = [shingles(t) for t in held_out]
     index: dict[int, list[int]] = defaultdict(list)
     for i, s in enumerate(held_sets):
@@ -51,10 +53,9 @@ def matches(train: list[str], held_out: list[str], threshold: float = NEAR_DUPLI
             index[h].append(i)
     found: dict[int, tuple[int, float]] = {}
     for j, text in enumerate(train):
-        i = held_prints.get(fingerprint(text))
-        if i is not None:
-            found[i] = (j, 1.0)
-            continue
+        same = held_prints.get(fingerprint(text))
+        if same:
+            found.update((i, (j, 1.0)) for i in same)  # and on: the same text may be near another held-out one
         train_set = shingles(text)
         shared = Counter(i for h in train_set for i in index.get(h, ()))
         for i, common in shared.items():
@@ -66,9 +67,25 @@ def matches(train: list[str], held_out: list[str], threshold: float = NEAR_DUPLI
     return found
 
 
+def find_leaks_in(train: list[str], held_out: dict[str, list[str]], threshold=NEAR_DUPLICATE_JACCARD) -> dict:
+    """`find_leaks` for several held-out sets at once ({"validation": docs, "test": docs}), reading the
+    training side once: {"<set>": summary}."""
+    texts = [text for docs in held_out.values() for text in docs]
+    found = matches(train, texts, threshold)
+    out, start = {}, 0
+    for name, docs in held_out.items():
+        mine = {i - start: hit for i, hit in found.items() if start <= i < start + len(docs)}
+        out[name] = _summary(mine, train, docs)
+        start += len(docs)
+    return out
+
+
 def find_leaks(train: list[str], held_out: list[str], threshold: float = NEAR_DUPLICATE_JACCARD, examples: int = 3):
     """Summary of `matches`: {"exact": n, "near": n, "held_out_docs": n, "share": fraction, "examples": [...]}."""
-    found = matches(train, held_out, threshold)
+    return _summary(matches(train, held_out, threshold), train, held_out, examples)
+
+
+def _summary(found: dict[int, tuple], train: list[str], held_out: list[str], examples: int = 3) -> dict:
     exact = sum(1 for _, jaccard in found.values() if jaccard == 1.0)
     kept = sorted(found.items(), key=lambda item: -item[1][1])[:examples]
     return {

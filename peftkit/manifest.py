@@ -17,7 +17,7 @@ import torch
 
 from peftkit import assets
 from peftkit.config import Config
-from peftkit.hashing import sha256_file
+from peftkit.hashing import sha256_file_memo
 
 PACKAGES = ("peftkit", "torch", "transformers", "peft", "accelerate", "datasets", "trl", "bitsandbytes", "safetensors",
             "tokenizers", "numpy")  # fmt: skip
@@ -28,7 +28,7 @@ def _hashes(ref: str, pattern: str) -> dict[str, str]:
         return {}
     path = assets.resolve(ref)
     files = sorted(path.glob(pattern)) if path.is_dir() else [path]
-    return {str(f): sha256_file(f) for f in files if f.is_file()}
+    return {str(f): sha256_file_memo(f) for f in files if f.is_file()}
 
 
 def _version(name: str) -> str | None:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from peftkit import PeftkitError, methods
+from peftkit import Config, PeftkitError, methods
 from peftkit.cli import load_target
 from peftkit.compare import METHODS, chart, format_table
 
@@ -97,7 +97,7 @@ def test_compare_without_general_text_shows_no_general_column(tiny_config, tmp_p
     [row] = json.loads((out / "compare.json").read_text())
     assert row["general_ppl_base"] is None and row["general_ppl"] is None and row["domain_ppl"] > 0
     cells = [c.strip() for c in (out / "compare.md").read_text().splitlines()[2].split("|")]
-    assert cells[5].startswith(f"{row['domain_ppl_base']} -> {row['domain_ppl']}") and cells[6] == "-"
+    assert cells[6].startswith(f"{row['domain_ppl_base']} -> {row['domain_ppl']}") and cells[7] == "-"
     assert (out / "compare.png").read_bytes()[:4] == b"\x89PNG"
 
 
@@ -122,3 +122,19 @@ def test_table_and_chart_skip_a_missing_general_perplexity(tmp_path):
     assert "| 30.0 -> 33.0 (+10.0%) |" in lines[2] and "| 20.0 -> 10.0 (-50.0%) | - |" in lines[3]
     chart(rows, tmp_path / "compare.png")
     assert (tmp_path / "compare.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_arms_sweep_a_recipe_and_bad_arm_names_are_refused(tiny_config, tmp_path):
+    config_file = tmp_path / "tiny.yaml"
+    tiny_config.save_yaml(config_file)
+    out = tmp_path / "sweep"
+    command = [sys.executable, "-m", "peftkit.cli", "compare", str(config_file), "--out", str(out), "--train.max_steps=3",
+               "--arm", "lr-low", "train.lr=1e-5", "--arm", "r2", "method.r=2", "--eval.every_steps=3"]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = {r["method"]: r for r in json.loads((out / "compare.json").read_text())}
+    assert list(rows) == ["lr-low", "r2"] and all(r["steps"] == 3 for r in rows.values())  # no default methods
+    assert Config.from_yaml(out / "lr-low" / "config.yaml").train.lr == 1e-5
+    assert rows["r2"]["trainable_params"] < rows["lr-low"]["trainable_params"]  # r=2 against the recipe's r
+    done = subprocess.run([*command[:7], "--arm", "train.lr=1"], capture_output=True, text=True)
+    assert done.returncode == 2 and "--arm train.lr=1: an arm starts with a new name" in done.stderr

@@ -25,7 +25,8 @@ def qa_file(path):
     return path
 
 
-def test_peftkit_eval_reproduces_the_trainers_report_with_max_train_docs(tiny_config, tmp_path, capsys):
+def test_peftkit_eval_reproduces_the_trainers_report_with_max_train_docs(tiny_config, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("PEFTKIT_CACHE", str(tmp_path / "cache"))  # an empty evaluation cache: the run computes all
     # max_train_docs keeps a seeded subset whose first documents differ from the split's first documents:
     # the prompted baseline (its domain prefix) and memorisation must be built from that subset both times.
     config = dataclasses.replace(
@@ -58,13 +59,24 @@ def test_peftkit_eval_reproduces_the_trainers_report_with_max_train_docs(tiny_co
     main(["--quiet", "eval", str(tmp_path / "run")])
     assert "verdict:" in capsys.readouterr().out
     # every number and the verdict, to the last digit; but the serving speed, a wall-clock measurement
-    assert untimed(json.loads(path.read_text())) == untimed(written)
+    again = json.loads(path.read_text())
+    assert untimed(again) == untimed(written)
+    # the run computed the base model's side and stored it; `peftkit eval` reused it, with the same digits
+    base_side = ["base_scores", "leakage", "prompted", "qa_base"]
+    assert written["evaluation"]["computed"] == base_side and written["evaluation"]["reused"] == []
+    assert again["evaluation"]["reused"] == base_side and again["evaluation"]["computed"] == []
+    assert again["evaluation"]["seconds"]["total"] > 0 and "qa" in again["evaluation"]["seconds"]
+    main(["--quiet", "eval", str(tmp_path / "run"), "--recompute"])
+    recomputed = json.loads(path.read_text())
+    assert recomputed["evaluation"]["reused"] == [] and untimed(recomputed) == untimed(written)
+    assert "this evaluation" in (tmp_path / "run" / "report.md").read_text()
 
 
 def untimed(report: dict) -> dict:
     serving = report["cost"]["serving"]
     assert serving["unmerged_ms_per_token"] > 0 and serving["merged_ms_per_token"] > 0
     timings = {"unmerged_ms_per_token": None, "merged_ms_per_token": None}
+    report = {key: value for key, value in report.items() if key != "evaluation"}  # its seconds and cache use
     return {**report, "cost": {**report["cost"], "serving": {**serving, **timings}}}
 
 

@@ -197,22 +197,30 @@ def compare(
     batch_size: int = 8,
     accelerator=None,
     shots: dict[str, list[dict]] | None = None,
+    cache=None,
 ) -> dict:
     """Accuracy of base (adapter disabled) and tuned model per group, with 95% intervals, and the
     paired change in accuracy with its 95% interval (same questions for both). With `shots` (solved
     examples per group, never test questions), also the base model's k-shot accuracy: the
-    no-fine-tuning alternative."""
+    no-fine-tuning alternative. `cache` (evaluation.base_cache): where the base model's picks may come from."""
     result = {}
     for name, questions in groups.items():
         if not questions:
             continue
         answers = torch.tensor([q["answer"] for q in questions])
         examples = (shots or {}).get(name) or []
-        with peft_model.disable_adapter():
-            base = (torch.tensor(choose(peft_model, tokenizer, questions, batch_size, accelerator)) == answers).tolist()
-            if examples:
-                picked = choose(peft_model, tokenizer, questions, batch_size, accelerator, shots_text(examples))
-                kshot = (torch.tensor(picked) == answers).tolist()
+
+        def base_picks(questions=questions, examples=examples) -> list:
+            with peft_model.disable_adapter():
+                picks = [choose(peft_model, tokenizer, questions, batch_size, accelerator)]
+                if examples:
+                    picks.append(choose(peft_model, tokenizer, questions, batch_size, accelerator, shots_text(examples)))
+            return picks
+
+        picks = cache.get("qa_base", (questions, examples), base_picks, collective=False) if cache else base_picks()
+        base = (torch.tensor(picks[0]) == answers).tolist()
+        if examples:
+            kshot = (torch.tensor(picks[1]) == answers).tolist()
         tuned = (torch.tensor(choose(peft_model, tokenizer, questions, batch_size, accelerator)) == answers).tolist()
         n = len(questions)
         change, interval, error = paired_change(tuned, base)

@@ -147,7 +147,18 @@ def cost_line(report: RunReport) -> str:
         params = f" ({report.cost.adapter_params:,} parameters)" if report.cost.adapter_params else ""
         parts.append(f"serving unmerged: the base model plus a {size(report.cost.adapter_bytes)} adapter{params}")
         parts.append(f"merged: the base model's size{serving_speed(report.cost.serving)}")
+    if report.evaluation:
+        parts.append(evaluation_time(report.evaluation))
     return "; ".join(parts)
+
+
+def evaluation_time(evaluation) -> str:
+    """ "this evaluation 48 s (perplexity 20 s, qa 12 s, ...; the base model's scores from the cache)"."""
+    seconds = dict(evaluation.seconds)
+    total = seconds.pop("total", sum(seconds.values()))
+    split = ", ".join(f"{name.replace('_', ' ')} {value:.0f} s" for name, value in seconds.items())
+    reused = f"; reused from the cache: {', '.join(evaluation.reused)}" if evaluation.reused else ""
+    return f"this evaluation {total:.0f} s ({split}{reused})"
 
 
 def serving_speed(serving) -> str:

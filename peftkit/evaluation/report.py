@@ -31,13 +31,15 @@ Scores = tuple[torch.Tensor, torch.Tensor]  # per-row NLL sums and scored tokens
 def score_base_and_tuned(model, sets: dict[str, Scores], batch_size: int, accelerator=None) -> dict[str, dict]:
     """Per-row NLL sums and token counts of the base model (adapter disabled) and the tuned model on each
     named row set: {"base": {"<set>": (sums, tokens)}, "tuned": {..}}."""
+    return {variant: score_variant(model, sets, batch_size, accelerator, variant) for variant in ("base", "tuned")}
+
+
+def score_variant(model, sets: dict[str, Scores], batch_size: int, accelerator=None, variant="tuned") -> dict:
+    """One side of `score_base_and_tuned`: {"<set>": (sums, tokens)} of the base ("base": adapter disabled)
+    or the tuned model."""
     peft_model = accelerator.unwrap_model(model) if accelerator else model
-    scores: dict = {"base": {}, "tuned": {}}
-    for variant in ("base", "tuned"):
-        with peft_model.disable_adapter() if variant == "base" else nullcontext():
-            for name, (input_ids, labels) in sets.items():
-                scores[variant][name] = nll_rows(peft_model, input_ids, labels, batch_size, accelerator)
-    return scores
+    with peft_model.disable_adapter() if variant == "base" else nullcontext():
+        return {name: nll_rows(peft_model, ids, labels, batch_size, accelerator) for name, (ids, labels) in sets.items()}
 
 
 def comparison(scores: dict[str, dict], cuts: dict[str, bootstrap.Units], seed: int) -> dict:

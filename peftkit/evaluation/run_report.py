@@ -406,6 +406,17 @@ class Cost(JsonRecord):
 
 
 @dataclass(kw_only=True)
+class EvaluationTime(JsonRecord):
+    """What the final evaluation cost: wall-clock seconds per part ("perplexity", "prompted_baseline", "kl",
+    "qa", "diagnostics", "serving", "total") and which base-model results came from the cache (base_cache.py)."""
+
+    seconds: dict[str, float]
+    cache: bool
+    reused: list[str]
+    computed: list[str]
+
+
+@dataclass(kw_only=True)
 class RunReport(JsonRecord):
     """A run's report.json: base vs tuned on held-out data, the diagnostics, the training side and the verdict.
 
@@ -435,6 +446,8 @@ class RunReport(JsonRecord):
     diagnostics: Diagnostics | None = optional()
     """Absent with eval.diagnostics=false."""
     cost: Cost | None = optional()
+    evaluation: EvaluationTime | None = optional()
+    """Absent in reports from before peftkit timed its evaluation."""
     training: TrainingSummary | None = None
     """Written at the top level of report.json; None for a report `peftkit eval` wrote on its own."""
     verdict: Verdict | None = optional()
