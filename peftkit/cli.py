@@ -136,6 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     from peftkit.progress import quiet, set_quiet
 
     if args.quiet or quiet():
@@ -143,6 +144,13 @@ def main(argv: list[str] | None = None) -> None:
     if rest and args.command not in ("train", "cv", "compare", "preview"):
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     guarded(lambda: _dispatch(args, rest))
+
+
+def _after_arms(argv: list[str]) -> list[str]:
+    """The --key=value overrides written after the first --arm: argparse gives them to every run, which is
+    not what their place says (compare refuses them)."""
+    first = argv.index("--arm") if "--arm" in argv else len(argv)
+    return [a for a in argv[first:] if a.startswith("--") and "=" in a and a.split("=")[0] not in ("--out",)]
 
 
 def _dispatch(args, rest: list[str]) -> None:
@@ -182,7 +190,7 @@ def _dispatch(args, rest: list[str]) -> None:
         from peftkit.compare import compare
 
         chosen = args.methods if args.methods is not None else [] if args.arm else COMPARED
-        compare(args.target, chosen, Path(args.out), rest, arms=args.arm)
+        compare(args.target, chosen, Path(args.out), rest, arms=args.arm, after_arms=_after_arms(args.argv))
     elif args.command == "export":
         from peftkit.export import export_gguf
 

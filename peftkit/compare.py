@@ -29,20 +29,27 @@ METHODS: dict[str, list[str]] = {name: preset.overrides() for name, preset in re
 
 
 def compare(
-    target: str, methods: list[str], out: Path, overrides: list[str], log=print, arms: list[list[str]] = ()
+    target: str, methods: list[str], out: Path, overrides: list[str], log=print, arms: list[list[str]] = (),
+    after_arms: list[str] = (),
 ) -> list[dict]:
     """Train `target` (a recipe or YAML config) once per method into out/METHOD and tabulate the reports.
-    `arms`: more runs, each [NAME, key=value, ...] (a sweep: the recipe with those overrides, into out/NAME)."""
+    `arms`: more runs, each [NAME, key=value, ...] (a sweep: the recipe with those overrides, into out/NAME);
+    `after_arms`: command-line overrides written after an --arm (refused: they would apply to every run)."""
     presets = registry.presets()
     unknown = [m for m in methods if m not in presets]
     if unknown:
         raise PeftkitError(f"--methods: unknown {', '.join(unknown)}; choose from {', '.join(presets)}")
+    if after_arms:
+        raise PeftkitError(f"{after_arms[0]} after --arm: overrides for every run go before the first --arm; an "
+                           "arm's own are written without dashes (--arm NAME train.lr=1e-3)")  # fmt: skip
     runs = {method: presets[method].overrides() for method in methods}
     for name, *settings in arms:
         if not name.replace("-", "").replace("_", "").replace(".", "").isalnum() or "=" in name or name in runs:
             raise PeftkitError(f"--arm {name}: an arm starts with a new name of letters, digits, '-', '_' or '.', "
                                "then its key=value overrides (e.g. --arm lr1e-3 train.lr=1e-3)")  # fmt: skip
-        runs[name] = [s if s.startswith("--") else f"--{s}" for s in settings]
+        if any("=" not in setting for setting in settings):
+            raise PeftkitError(f"--arm {name}: {' '.join(settings)}: each setting is key=value (train.lr=1e-3)")
+        runs[name] = [f"--{setting}" for setting in settings]
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     rows = []

@@ -129,7 +129,7 @@ def test_arms_sweep_a_recipe_and_bad_arm_names_are_refused(tiny_config, tmp_path
     tiny_config.save_yaml(config_file)
     out = tmp_path / "sweep"
     command = [sys.executable, "-m", "peftkit.cli", "compare", str(config_file), "--out", str(out), "--train.max_steps=3",
-               "--arm", "lr-low", "train.lr=1e-5", "--arm", "r2", "method.r=2", "--eval.every_steps=3"]  # fmt: skip
+               "--eval.every_steps=3", "--arm", "lr-low", "train.lr=1e-5", "--arm", "r2", "method.r=2"]  # fmt: skip
     done = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     rows = {r["method"]: r for r in json.loads((out / "compare.json").read_text())}
@@ -138,3 +138,5 @@ def test_arms_sweep_a_recipe_and_bad_arm_names_are_refused(tiny_config, tmp_path
     assert rows["r2"]["trainable_params"] < rows["lr-low"]["trainable_params"]  # r=2 against the recipe's r
     done = subprocess.run([*command[:7], "--arm", "train.lr=1"], capture_output=True, text=True)
     assert done.returncode == 2 and "--arm train.lr=1: an arm starts with a new name" in done.stderr
+    done = subprocess.run([*command[:7], "--arm", "x", "--train.lr=1"], capture_output=True, text=True)
+    assert done.returncode == 2 and "--train.lr=1 after --arm: overrides for every run go before" in done.stderr

@@ -28,6 +28,12 @@ def test_a_hit_needs_the_same_model_files_inputs_and_settings(tiny_config, tiny_
     assert torch.equal(again.get("base_scores", (rows,), compute)["domain"][0], first["domain"][0])
     assert len(calls) == 1 and again.hits == ["base_scores"]
 
+    sets = {"domain": (torch.zeros(40, 500, dtype=torch.long), torch.zeros(40, 500, dtype=torch.long))}
+    BaseCache(tiny_config).get("base_scores", (sets,), compute)
+    sets["domain"][0][20, 250] = 7  # one token in the middle of a set's rows (a printed tensor elides it)
+    BaseCache(tiny_config).get("base_scores", (sets,), compute)
+    assert len(calls) == 3
+    del calls[1:]
     other_rows = (rows[0] + 1, rows[1])
     BaseCache(tiny_config).get("base_scores", (other_rows,), compute)  # other token ids
     assert len(calls) == 2

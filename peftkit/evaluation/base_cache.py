@@ -5,11 +5,13 @@ the domain test rows and the general text, the prompted (no fine-tuning) baselin
 and without solved examples; and the train/held-out leakage check depends on the documents alone.
 They are about half of the guard's time, so they are stored in `$PEFTKIT_CACHE/eval/KEY.pt` and
 reused. KEY is a sha256 of everything such a number depends on: the base model's files (sha256 of
-each file in its folder: weights, config, tokenizer), the model config (dtype, quantization), the
-exact inputs (token ids of the rows, prefix, questions and solved examples, documents), the eval batch
-size, the autocast dtype, the device type and the process count, and the versions of
-torch, transformers and peft. A hit is therefore the number the run would have computed, to the last
-digit (tested: a run reproduces its first report with and without the cache).
+each file in its folder: weights, config, tokenizer), the base's parameter dtypes as loaded and the
+scoring path the method takes (chunked loss or full logits, QA through a KV cache or not), the exact
+inputs (token ids of the rows, prefix, questions and solved examples, documents), the eval batch size,
+the autocast dtype, the device (GPU name), the process count, the versions of torch, transformers,
+peft and bitsandbytes, and the source of the scoring code itself. A hit is therefore the number the run
+would have computed, to the last digit (tested: a run reproduces its first report with and without the
+cache). A quantized base is never cached (training prepares it for k-bit training, `peftkit eval` does not).
 
 `eval.cache=false` (or `peftkit eval RUN --recompute`) recomputes everything and rewrites the entries;
 deleting `$PEFTKIT_CACHE/eval` clears them. A model that is not a local folder is never cached.
@@ -48,6 +50,7 @@ def model_fingerprint(model_config) -> str | None:
 
 
 def _feed(digest, part: Any) -> None:
+    """Every byte of `part` (tensors, lists, tuples, dicts, strings, numbers) into `digest`."""
     if isinstance(part, torch.Tensor):
         part = part.detach().cpu().contiguous()
         digest.update(f"tensor{tuple(part.shape)}{part.dtype}".encode())
@@ -56,8 +59,43 @@ def _feed(digest, part: Any) -> None:
         digest.update(f"seq{len(part)}".encode())
         for item in part:
             _feed(digest, item)
+    elif isinstance(part, dict):
+        digest.update(f"map{len(part)}".encode())
+        for key in sorted(part, key=str):
+            _feed(digest, str(key))
+            _feed(digest, part[key])
+    elif part is None or isinstance(part, (str, int, float, bool)):
+        digest.update(json.dumps(part).encode())
     else:
-        digest.update(json.dumps(part, sort_keys=True, default=str).encode())
+        raise TypeError(f"base_cache: cannot key on a {type(part).__name__}")
+
+
+# The code that computes what is cached: an entry is reused only by the code that wrote it.
+_SCORING = ("evaluation/base_cache.py", "evaluation/perplexity.py", "evaluation/qa.py", "evaluation/report.py",
+            "loss.py", "dedup.py", "methods/__init__.py")  # fmt: skip
+
+
+def _code_version() -> str:
+    root = Path(__file__).resolve().parents[1]
+    digest = hashlib.sha256()
+    for name in _SCORING:
+        digest.update((root / name).read_bytes())
+    return digest.hexdigest()
+
+
+def _scoring_path(model) -> dict:
+    """What decides how `model`'s base side is computed, beyond its weights: the base's parameter dtypes
+    (dtype 'auto' resolved; quantized layers), whether the loss runs chunked or through the full logits, and
+    whether QA runs through a KV cache (not for prompt learning)."""
+    from peftkit import loss
+    from peftkit.methods import is_prompt_learning
+
+    inner = getattr(model, "module", model)
+    return {
+        "dtypes": sorted({str(p.dtype) for p in inner.parameters()}),
+        "prompt_learning": bool(is_prompt_learning(inner)),
+        "chunked": loss.decoder_and_head(model) is not None and not loss.regularised(model),
+    }
 
 
 class BaseCache:
@@ -66,21 +104,26 @@ class BaseCache:
     store, so that a recompute refreshes the entries; with `store=False` too: compute only). `hits` and
     `computed` name what came from where."""
 
-    def __init__(self, config, accelerator=None, enabled: bool | None = None, store: bool = True):
+    def __init__(self, config, accelerator=None, enabled: bool | None = None, store: bool = True, model=None):
         self.enabled = enabled = config.eval.cache if enabled is None else enabled
         self.accelerator = accelerator
         self.hits: list[str] = []
         self.computed: list[str] = []
-        fingerprint = model_fingerprint(config.model) if enabled or store else None  # neither: a bare compute
+        # a quantized base is prepared differently in training and in `peftkit eval`: never cached
+        usable = (enabled or store) and config.model.quantization == "none"
+        fingerprint = model_fingerprint(config.model) if usable else None
         self.folder = assets.cache_dir() / "eval" if fingerprint else None
+        device = getattr(accelerator, "device", torch.device("cpu"))
         self.context = {
             "format": FORMAT,
+            "code": _code_version(),
             "model": fingerprint,
+            "scoring": _scoring_path(model) if model is not None and fingerprint else None,
             "batch_size": config.eval.batch_size,
             "mixed_precision": str(getattr(accelerator, "mixed_precision", "no")),
-            "device": getattr(getattr(accelerator, "device", None), "type", "cpu"),
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else device.type,
             "processes": getattr(accelerator, "num_processes", 1),
-            "packages": {name: _version(name) for name in ("torch", "transformers", "peft")},
+            "packages": {name: _version(name) for name in ("torch", "transformers", "peft", "bitsandbytes")},
         }
 
     def get(self, name: str, parts: tuple, compute: Callable[[], Any], model_free=False, collective=True) -> Any:
@@ -90,7 +133,7 @@ class BaseCache:
         if self.folder is None:
             return compute()
         digest = hashlib.sha256(name.encode())
-        _feed(digest, json.dumps(self.context if not model_free else {"format": FORMAT}, sort_keys=True))
+        _feed(digest, self.context if not model_free else {"format": FORMAT, "code": self.context["code"]})
         _feed(digest, parts)
         path = self.folder / f"{name}-{digest.hexdigest()[:32]}.pt"
         value = [self._load(path) if self.enabled and self._is_main() else None]

@@ -71,7 +71,7 @@ def final_evaluation(
     (`training`: a TrainingData, or any object with `documents`, `texts` and `val_docs`); QA and diagnostics
     are computed on the main process only. The base model's side comes from the cache where it can
     (`eval.cache`, base_cache.py); report["evaluation"] says how long each part took and what was reused."""
-    clock, cache = Clock(), BaseCache(config, accelerator)
+    clock, cache = Clock(), BaseCache(config, accelerator, model=accelerator.unwrap_model(model))
     report = held_out_comparison(config, model, tokenizer, accelerator, training.texts, answers, cache, clock)
     if accelerator.is_main_process:  # diagnostics need no other process; generation runs on one
         report["cost"] = adapter_cost(run_dir / "adapter")  # written by the main process: read there
