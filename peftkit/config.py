@@ -424,8 +424,12 @@ class Config:
         return schema.build(cls, data, prefix="", origin=origin)
 
     def override(self, assignments: list[str], origin: str = "command line") -> Config:
-        """Return a copy with `section.key=value` assignments applied, each value converted to its field's type."""
+        """Return a copy with `section.key=value` assignments applied, each value converted to its field's type.
+        A train.max_steps given without a train.time_budget replaces the budget (a step count is what was asked)."""
         data = self.to_dict()
+        keys = {item.lstrip("-").split("=", 1)[0] for item in assignments}
+        if "train.max_steps" in keys and "train.time_budget" not in keys:
+            data["train"]["time_budget"] = ""
         for item in assignments:
             text = item[2:] if item.startswith("--") else item
             if "=" not in text:

@@ -290,23 +290,23 @@ class Trainer:
             self._plan_time_budget(bar)
 
     def _plan_time_budget(self, bar) -> None:
-        """Under train.time_budget: once enough steps are timed (3, and 5% of the budget), fix the step count
-        that fits what is left of it, so the learning-rate schedule ends, annealed, when the budget does."""
+        """Under train.time_budget: once enough steps are timed (6, and 10% of the budget), fix the step count
+        that fits what is left of it at the later half's step time, so the schedule ends, annealed, with it."""
         budget, state, timer = self.config.train.time_budget_s, self.state, self.timer
         # every process decides from the slowest one's clock, so all plan the same step count at the same step
-        timed, seconds, spent = distributed.slowest(
-            self.accelerator, timer.steady_steps, timer.steady_seconds, state.train_seconds
+        timed, seconds, spent, recent, recent_s = distributed.slowest(
+            self.accelerator, timer.steady_steps, timer.steady_seconds, state.train_seconds, *timer.later_half()
         )
-        if timed < 3 or seconds < 0.05 * budget:
+        if timed < 6 or seconds < 0.1 * budget:
             return
-        per_step = seconds / timed
-        planned = state.step + max(0, int((budget - spent) / per_step))
+        per_step = recent_s / recent
+        planned = state.step + max(0, int((budget - spent) / per_step + 1e-6))  # 17.9999.. steps are 18
         state.planned_steps = planned
         self._follow_plan(planned)
         bar.total = planned
         self.log(
-            f"train.time_budget: {per_step:.3f} s per step over {int(timed)} steps; {planned} steps fit "
-            f"{self.config.train.time_budget} (evaluations not counted)"
+            f"train.time_budget: {per_step:.3f} s per step over the last {int(recent)} of {int(timed)} steps; "
+            f"{planned} steps fit {self.config.train.time_budget} (evaluations not counted)"
         )
 
     def _follow_plan(self, planned: int) -> None:

@@ -39,7 +39,7 @@ def test_a_budgeted_run_plans_its_steps_ends_annealed_and_within_its_budget(tiny
     logs = []
     report = Trainer(config, log=logs.append).fit()
     planned = report["planned_steps"]
-    # step 1 is warm-up; steps 2-4 are timed (0.15 s >= 5% of 1.2 s), and (1.2 - 0.15) / 0.05 = 21 more fit
+    # step 1 is warm-up; steps 2-7 are timed (6 steps, 0.3 s >= 10% of 1.2 s), and (1.2 - 0.3) / 0.05 = 18 more fit
     assert planned == 25 and report["final_step"] == planned  # train.max_steps=3 does not limit a budgeted run
     assert report["train_seconds"] == pytest.approx(1.2)  # steps 2..25, the budget to the step
     assert report["stop_reason"] == "used train.time_budget"
@@ -48,7 +48,30 @@ def test_a_budgeted_run_plans_its_steps_ends_annealed_and_within_its_budget(tiny
     assert max(r["lr"] for r in steps) == pytest.approx(config.train.lr)
     evaluated = [r["step"] for r in records(config.output_dir) if "val_loss" in r]
     assert evaluated[-1] == planned  # the last step is evaluated, as with max_steps
-    assert "train.time_budget: 0.050 s per step over 3 steps; 25 steps fit 1.2s (evaluations not counted)" in logs
+    plan = "train.time_budget: 0.050 s per step over the last 3 of 6 steps; 25 steps fit 1.2s (evaluations not counted)"
+    assert plan in logs
+
+
+class WarmingClock:
+    """Steps 1-4 take 0.1 s, the later ones 0.05 s: the first steps of a real run are slower than its steady ones."""
+
+    def __init__(self):
+        self.now, self.calls = 0.0, 0
+
+    def perf_counter(self):
+        self.calls += 1
+        if self.calls % 2 == 0:  # the end of step calls / 2
+            self.now += 0.1 if self.calls // 2 <= 4 else 0.05
+        return self.now
+
+
+def test_the_plan_uses_the_later_steps_time_so_slow_first_steps_do_not_shorten_the_run(tiny_config, tmp_path,
+                                                                                       monkeypatch):  # fmt: skip
+    monkeypatch.setattr(peftkit.trainer, "time", WarmingClock())
+    report = Trainer(budgeted(tiny_config, "1.2s", tmp_path / "run"), log=lambda _: None).fit()
+    # timed steps 2-7 took 0.45 s; the later half's 0.05 s per step fits (1.2 - 0.45) / 0.05 = 15 more
+    # (the mean of all six, 0.075 s, would plan 10 more and stop at 0.95 s of the 1.2 s)
+    assert report["planned_steps"] == 22 and report["train_seconds"] == pytest.approx(1.2)
 
 
 def test_a_budgeted_run_on_the_real_clock_ends_at_its_plan(tiny_config, tmp_path):
@@ -89,6 +112,14 @@ def test_resume_continues_the_planned_schedule_exactly(tiny_config, tmp_path, mo
         [(r["step"], r["lr"], r["loss"]) for r in records(run.output_dir) if "loss" in r] for run in (straight, broken)
     ]
     assert lr[0] == lr[1]
+
+
+def test_a_step_count_on_the_command_line_replaces_a_recipes_budget():
+    recipe = Config.from_dict({"train": {"time_budget": "10m", "max_steps": 40}})
+    assert recipe.override(["--train.max_steps=3"]).train.time_budget == ""  # what the user asked: 3 steps
+    assert recipe.override(["--train.lr=1e-3"]).train.time_budget == "10m"
+    both = recipe.override(["--train.max_steps=3", "--train.time_budget=2m"]).train
+    assert (both.max_steps, both.time_budget) == (3, "2m")
 
 
 def test_a_duration_that_is_not_one_is_refused_naming_the_key():
