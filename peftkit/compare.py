@@ -29,7 +29,12 @@ METHODS: dict[str, list[str]] = {name: preset.overrides() for name, preset in re
 
 
 def compare(
-    target: str, methods: list[str], out: Path, overrides: list[str], log=print, arms: list[list[str]] = (),
+    target: str,
+    methods: list[str],
+    out: Path,
+    overrides: list[str],
+    log=print,
+    arms: list[list[str]] = (),
     after_arms: list[str] = (),
 ) -> list[dict]:
     """Train `target` (a recipe or YAML config) once per method into out/METHOD and tabulate the reports.

@@ -10,7 +10,7 @@ Run:
     accelerate launch recipes/medical_abstract_sft.py
 
 Same model, data split and guard as recipes/medical_lora.py (MMLU stays an evaluation set only).
-About 10 minutes on 2 CPU cores for the 40 steps; afterwards try
+A 10-minute training budget (the medical recipe's) on 2 CPU cores, then the guard; afterwards try
 `peftkit generate runs/medical_abstract_sft --prompt "Write the abstract of a medical research paper titled: ..."`.
 """
 

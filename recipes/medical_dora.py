@@ -6,7 +6,7 @@ Run:
     peftkit train recipes/medical_dora.py
     accelerate launch recipes/medical_dora.py
 
-Everything else (model, data, evaluation, 40 steps of 8 x 512 tokens) is recipes/medical_lora.py's,
+Everything else (model, data, evaluation, the 10-minute budget) is recipes/medical_lora.py's,
 so the reports compare directly; `scripts/compare_methods` runs the methods side by side on a
 smaller budget (its table is in the README, with time and memory on a 2-core CPU).
 """

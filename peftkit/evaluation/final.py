@@ -106,7 +106,10 @@ class Clock:
             self.parts[name] = self.parts.get(name, 0.0) + time.perf_counter() - start
 
     def seconds(self) -> dict[str, float]:
-        return {**{k: round(v, 2) for k, v in self.parts.items()}, "total": round(time.perf_counter() - self.started, 2)}
+        return {
+            **{k: round(v, 2) for k, v in self.parts.items()},
+            "total": round(time.perf_counter() - self.started, 2),
+        }
 
 
 def adapter_cost(adapter: Path) -> dict | None:
@@ -166,9 +169,12 @@ def _diagnostics(config, model, tokenizer, training, run_dir: Path, best_step: i
         ),
     }
     held_out = {"validation": training.val_docs, "test": data.load_split(config.data, "test")}
-    leaks = (lambda: find_leaks_in(training.documents, held_out))
-    diagnostics["leakage"] = cache.get("leakage", (training.documents, held_out["validation"], held_out["test"]),
-                                       leaks, model_free=True, collective=False) if cache else leaks()  # fmt: skip
+
+    def leaks() -> dict:
+        return find_leaks_in(training.documents, held_out)
+
+    parts = (training.documents, held_out["validation"], held_out["test"])
+    diagnostics["leakage"] = cache.get("leakage", parts, leaks, model_free=True, collective=False) if cache else leaks()
     if data.streaming.active(config.data):  # the training side is a sample: say of how many
         documents = data.streaming.train_stats(config.data)["train"]["documents"]
         for leak in diagnostics["leakage"].values():

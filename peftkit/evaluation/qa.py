@@ -214,7 +214,9 @@ def compare(
             with peft_model.disable_adapter():
                 picks = [choose(peft_model, tokenizer, questions, batch_size, accelerator)]
                 if examples:
-                    picks.append(choose(peft_model, tokenizer, questions, batch_size, accelerator, shots_text(examples)))
+                    picks.append(
+                        choose(peft_model, tokenizer, questions, batch_size, accelerator, shots_text(examples))
+                    )
             return picks
 
         picks = cache.get("qa_base", (questions, examples), base_picks, collective=False) if cache else base_picks()

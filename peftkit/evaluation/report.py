@@ -39,7 +39,9 @@ def score_variant(model, sets: dict[str, Scores], batch_size: int, accelerator=N
     or the tuned model."""
     peft_model = accelerator.unwrap_model(model) if accelerator else model
     with peft_model.disable_adapter() if variant == "base" else nullcontext():
-        return {name: nll_rows(peft_model, ids, labels, batch_size, accelerator) for name, (ids, labels) in sets.items()}
+        return {
+            name: nll_rows(peft_model, ids, labels, batch_size, accelerator) for name, (ids, labels) in sets.items()
+        }
 
 
 def comparison(scores: dict[str, dict], cuts: dict[str, bootstrap.Units], seed: int) -> dict:
