@@ -26,7 +26,7 @@ import pytest
 import yaml
 
 from peftkit import Config
-from peftkit.cli import build_parser, load_target
+from peftkit.cli import _after_arms, build_parser, load_target
 from peftkit.compare import METHODS
 from tests.conftest import load_script
 
@@ -106,7 +106,8 @@ def check_peftkit(argv: list[str], tmp_path: Path) -> None:
     args, rest = parser.parse_known_args(argv)
     if args.command in CONFIG_COMMANDS:
         check_config_target(args.target, rest, tmp_path)
-        assert args.command != "compare" or set(args.methods) <= set(METHODS), args.methods
+        assert args.command != "compare" or set(args.methods or []) <= set(METHODS), args.methods
+        assert args.command != "compare" or not _after_arms(argv), f"overrides after --arm: {argv}"
     else:
         assert not rest, f"unknown options {rest}"
 
