@@ -1,7 +1,9 @@
 """Inference: a merged model folder, or a run folder's base model with one or several adapters.
 
 Several adapters are loaded onto one copy of the base model and switched with `set_adapter`, so
-comparing them costs one base-model load. Chat models get their chat template applied.
+comparing them costs one base-model load. Chat models get their chat template applied. A .gguf file runs
+in llama.cpp when its Python bindings are installed (the prompt rendered by the file's own tokenizer and
+chat template), otherwise in transformers.
 """
 
 from __future__ import annotations
@@ -76,6 +78,17 @@ def generate(model, tokenizer, prompt: str, max_new_tokens: int = 64, chat: bool
 
 def run(target: Path, prompt: str, adapters: list[Path], max_new_tokens: int, chat: bool, stream: bool) -> dict:
     """Answer `prompt` with each adapter in turn (or the model alone); returns {label: text}."""
+    from peftkit.export import llama_cpp_check
+
+    target = Path(target)
+    if target.suffix == ".gguf" and target.is_file() and not adapters and llama_cpp_check.available():
+        label = f"{target} ({llama_cpp_check.version()})"
+        if stream:
+            print(f"--- {label}", flush=True)
+        text = _with_llama_cpp(target, prompt, max_new_tokens, chat)
+        if stream:
+            print(text, flush=True)
+        return {label: text}
     model, tokenizer, names = load(target, adapters)
     answers = {}
     for name in names or [None]:
@@ -86,3 +99,22 @@ def run(target: Path, prompt: str, adapters: list[Path], max_new_tokens: int, ch
             print(f"--- {label}", flush=True)
         answers[label] = generate(model, tokenizer, prompt, max_new_tokens, chat, stream)
     return answers
+
+
+def _with_llama_cpp(target: Path, prompt: str, max_new_tokens: int, chat: bool) -> str:
+    """Greedy continuation computed by llama.cpp on the file; the prompt rendered by the file's tokenizer."""
+    from transformers import AutoTokenizer
+
+    from peftkit.export import llama_cpp_run
+
+    tokenizer = AutoTokenizer.from_pretrained(target.parent, gguf_file=target.name)
+    ids = _render(tokenizer, prompt, chat)[0].tolist()
+    try:
+        llm = llama_cpp_run.load(target, len(ids) + max_new_tokens + 1, torch.get_num_threads())
+    except llama_cpp_run.LoadError as err:
+        raise PeftkitError(f"{target}: llama.cpp cannot load the file ({err})") from err
+    try:
+        out = llama_cpp_run.greedy(llm, ids, {tokenizer.eos_token_id}, max_new_tokens)
+    finally:
+        llm.close()
+    return tokenizer.decode(out, skip_special_tokens=True)

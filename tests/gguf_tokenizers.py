@@ -3,7 +3,8 @@
 - `byte_level()`: GPT-2 style byte-level BPE, as in Llama 3, Qwen, SmolLM, GPT-2, StarCoder2.
 - `sentencepiece(style)`: SentencePiece-style BPE with byte fallback, shaped like the tokenizer.json files
   transformers writes for SentencePiece models: "metaspace" (Llama 2 / Mistral: a Metaspace pre-tokenizer
-  that prepends "\u2581"), "legacy" (Phi-3: Prepend + Replace normalizers, no pre-tokenizer) and "gemma"
+  that prepends "\u2581"), "legacy" (Phi-3: Prepend + Replace normalizers, no pre-tokenizer, its added
+  <|endoftext|> and <|end|>) and "gemma"
   (Replace normalizer, no prefix space, Gemma's special-token order).
 """
 
@@ -74,5 +75,7 @@ def sentencepiece(style: str = "metaspace", extra=()):
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token=bos, eos_token=eos, unk_token=unk, pad_token="<pad>" if gemma else unk
     )
+    if style == "legacy":  # Phi-3's added tokens; llama.cpp looks <|endoftext|> up in any model named phi3
+        tokenizer.add_special_tokens({"additional_special_tokens": ["<|endoftext|>", "<|end|>"]})
     tokenizer.chat_template = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}{{ eos_token }}{% endfor %}"
     return tokenizer

@@ -104,10 +104,12 @@ def test_cli_export_then_generate_from_the_gguf_file(bpe_model_dir, tmp_path):
     file = tmp_path / "merged-f32.gguf"
     again = subprocess.run([*cli, "export", str(model_dir), "--quant", "f32"], capture_output=True, text=True)
     assert again.returncode == 2 and again.stderr.startswith("peftkit: error:") and "Traceback" not in again.stderr
-    answers = {}  # f32 export is exact, so the answers must be identical
+    assert "checked by transformers' GGUF reader and llama.cpp" in done.stdout
+    answers = {}  # f32 export is exact, so the answers must be identical; the file's runs in llama.cpp
     for target in (model_dir, file):
         done = subprocess.run([*cli, "generate", str(target), "--prompt", "the patient", "--max-new-tokens", "8",
                                "--no-stream"], capture_output=True, text=True)  # fmt: skip
         assert done.returncode == 0, done.stderr
-        answers[target] = done.stdout.split("\n", 1)[1]
-    assert answers[model_dir] == answers[file]
+        answers[target] = done.stdout.split("\n", 1)
+    assert "(llama.cpp (llama-cpp-python" in answers[file][0] and "llama.cpp" not in answers[model_dir][0]
+    assert answers[model_dir][1] == answers[file][1]

@@ -1,6 +1,7 @@
 """GGUF export for every family it supports: a tiny random model of the family with a realistic tokenizer
 shape, exported (f16 and q8_0), reloaded with transformers' GGUF loader to the same logits and token ids,
-with only tensor names llama.cpp knows for the architecture. Families it does not support are refused in
+with only tensor names llama.cpp knows for the architecture, and run by llama.cpp itself to the same token
+ids, logits within its tolerance and (f16) the same greedy continuations. Families it does not support are refused in
 one line, and docs/deployment.md lists exactly the code's families."""
 
 from __future__ import annotations
@@ -28,8 +29,8 @@ CASES = {
     "qwen3_moe": ("byte-level", {**MOE, "norm_topk_prob": True}),  # the GGUF loader always normalizes top-k
     "minimax_m2": ("byte-level", {"num_local_experts": 4, "num_experts_per_tok": 2}),
     "phi3": ("legacy", {}),
-    "gemma2": ("gemma", {"head_dim": 16}),
-    "gemma3_text": ("gemma", {"head_dim": 16}),
+    "gemma2": ("gemma", {"head_dim": 256}),  # = query_pre_attn_scalar: llama.cpp scales by head_dim, the loader by 256
+    "gemma3_text": ("gemma", {"head_dim": 256}),
     "nemotron": ("metaspace", {}),
     "gpt2": ("byte-level", {}),
     "stablelm": ("byte-level", {}),
@@ -129,6 +130,10 @@ def test_family_round_trips_through_transformers_gguf_loader(family, quant, tmp_
     out = tmp_path / f"{family}-{quant}.gguf"
     result = export.export_gguf(model_dir, out, quant=quant, log=lambda _: None)
     assert result["tokenizer"] == KIND[CASES[family][0]] and result["same_next_token"]
+    # llama.cpp itself loaded the file too (the test install has its bindings): same tokens, close logits
+    assert result["readers"][1].startswith("llama.cpp") and result["llama_cpp"]["same_next_tokens"] == 3
+    if quant == "f16":  # and at f16 the same greedy continuations as the source
+        assert all(c["same"] for c in result["llama_cpp"]["continuations"]), result["llama_cpp"]["continuations"]
 
     arch = export.FAMILIES[family].arch
     reader = gguf.GGUFReader(out)

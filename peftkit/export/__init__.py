@@ -4,7 +4,9 @@ The file is written with the `gguf` package's writer under llama.cpp's architect
 the tensor transforms llama.cpp's converter applies to that family (`families.py`) and the tokenizer,
 special tokens and chat template as metadata (`vocab.py`). It is then loaded back with transformers' GGUF
 loader and compared with the source model (`check.py`): the same tokenisation of the check texts, logits
-within the quantisation's tolerance and the same greedy next token. A file that fails is deleted.
+within the quantisation's tolerance and the same greedy next token; where llama.cpp's Python bindings are
+installed, llama.cpp loads it too and must pass the same comparison (`llama_cpp_check.py`). A file that
+fails is deleted.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from pathlib import Path
 import torch
 
 from peftkit.errors import PeftkitError
-from peftkit.export import check, families, vocab, writer
+from peftkit.export import check, families, llama_cpp_check, vocab, writer
 from peftkit.export.check import CHECK_INPUTS, TOKENIZER_CHECK, TOLERANCE, greedy  # noqa: F401
 from peftkit.export.families import FAMILIES, REFUSED, loader_families, support_table  # noqa: F401
 from peftkit.locking import OutputLock
@@ -66,21 +68,51 @@ def _export_gguf(model_dir: Path, out: Path, quant: str, overwrite: bool, log) -
         partial = scratch / out.name
         writer.write(family, model, config, tokens, partial, quant, name=model_dir.name)
         result = check.check(model, tokenizer, partial, quant)
+        readers = ["transformers' GGUF reader"]
+        if llama_cpp_check.available():
+            result["llama_cpp"] = llama_cpp_check.check(model, tokenizer, partial, quant)
+            readers.append(result["llama_cpp"]["reader"])
         os.replace(partial, out)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     same = sum(c["same"] for c in result["continuations"])
     log(
         f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB, {quant}, {config.model_type} as {family.arch}, "
-        f"{tokens.kind} tokenizer); reloaded with transformers: max |logit diff| {result['max_abs_logit_diff']:.2e} "
-        f"({result['relative']:.1e} of max |logit|, tolerance {TOLERANCE[quant]:.0e}); "
-        f"same {check.CONTINUATION_TOKENS}-token greedy continuation for {same} of {len(result['continuations'])} prompts"
+        f"{tokens.description}); checked by {' and '.join(readers)}"
     )
+    log(
+        f"  transformers: max |logit diff| {result['max_abs_logit_diff']:.2e} ({result['relative']:.1e} of max "
+        f"|logit|, tolerance {TOLERANCE[quant]:.0e}); same {check.CONTINUATION_TOKENS}-token greedy continuation "
+        f"for {same} of {len(result['continuations'])} prompts"
+    )
+    if "llama_cpp" in result:
+        lc = result["llama_cpp"]
+        log(
+            f"  llama.cpp: same tokenisation; max |logit diff| {lc['max_abs_logit_diff']:.2e} ({lc['relative']:.1e}, "
+            f"tolerance {llama_cpp_check.TOLERANCE[quant]:.0e}); the source's top token at {lc['top1_agreement']:.0%} "
+            f"of positions; same greedy continuation for {sum(c['same'] for c in lc['continuations'])} of "
+            f"{len(lc['continuations'])} prompts"
+        )
+    else:
+        log("  llama.cpp: not checked (pip install llama-cpp-python to have llama.cpp load the file too)")
     if result["rebuilt_differently"]:
         log(f"  note: transformers' GGUF loader rebuilds {', '.join(result['rebuilt_differently'])}")
-    for c in result["continuations"]:
-        log(f"  {c['prompt']!r}\n    source: {c['source']!r}\n    gguf:   {c['gguf']!r}")
-    return {"path": str(out), "quant": quant, "family": config.model_type, "tokenizer": tokens.kind, **result}
+    for i, c in enumerate(result["continuations"]):
+        theirs = (
+            f"\n    llama.cpp: {result['llama_cpp']['continuations'][i]['llama_cpp']!r}"
+            if "llama_cpp" in result
+            else ""
+        )
+        log(f"  {c['prompt']!r}\n    source: {c['source']!r}\n    gguf:   {c['gguf']!r}{theirs}")
+    return {
+        "path": str(out),
+        "quant": quant,
+        "family": config.model_type,
+        "tokenizer": tokens.kind,
+        "pre_tokenizer": tokens.pre,
+        "readers": readers,
+        **result,
+    }
 
 
 def _family(config, model_dir: Path) -> families.Family:
@@ -97,6 +129,10 @@ def _family(config, model_dir: Path) -> families.Family:
                 f"{model_dir}/config.json: rope_type {params['rope_type']!r}{scope} is not supported by the export "
                 "(transformers' GGUF loader rebuilds plain RoPE, so the file could not be checked)"
             )
+    try:
+        FAMILIES[model_type].metadata(config)
+    except PeftkitError as err:
+        raise PeftkitError(f"{model_dir}/config.json: {err}") from err
     return FAMILIES[model_type]
 
 

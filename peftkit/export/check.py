@@ -1,6 +1,10 @@
 """The check a GGUF file must pass before it is kept: loaded back with transformers' GGUF loader, it must
-tokenize the check texts identically, keep the logits within the quantization's tolerance and predict the
-same next token. Where the loader rebuilds the model's config differently (a field GGUF does not carry),
+tokenize the check texts identically and keep the logits within the quantization's tolerance; an f32 file
+must also predict the same next token. A rounded file (f16, q8_0) may pick another next token where the
+source model's top two are a near-tie: a flip needs the source's margin between the two tokens to be below
+twice the max |logit diff| the tolerance already bounds, so requiring the same token would refuse a file
+for the model's own near-ties, not for the file (the demo's 54-step model: q8_0 within 1.6e-2 of max |logit|,
+one prompt's next token flipped). The number of prompts with the same next token is reported. Where the loader rebuilds the model's config differently (a field GGUF does not carry),
 the differences are named: in the error when the check fails, as a note when it passes.
 """
 
@@ -60,19 +64,21 @@ def check(model, tokenizer, path: Path, quant: str) -> dict:
                 f"GGUF export: the reloaded tokenizer splits {text[:40]!r} differently ({a[:8]} vs {b[:8]}); "
                 "nothing was written"
             )
-    diff, scale, same_argmax = 0.0, 0.0, True
+    diff, scale, same_next = 0.0, 0.0, 0
     with torch.no_grad():
         for text in CHECK_INPUTS:
             ids = torch.tensor([tokenizer(text).input_ids])
             x, y = model(ids).logits, reloaded(ids).logits
             diff = max(diff, (x - y).abs().max().item())
             scale = max(scale, x.abs().max().item())
-            same_argmax &= bool((x[0, -1].argmax() == y[0, -1].argmax()).item())
+            same_next += int(x[0, -1].argmax() == y[0, -1].argmax())
     relative = diff / scale
-    if relative > TOLERANCE[quant] or not same_argmax:
+    same_argmax = same_next == len(CHECK_INPUTS)
+    if relative > TOLERANCE[quant] or (quant == "f32" and not same_argmax):
         raise PeftkitError(
             f"GGUF export: the reloaded {quant} file differs from the source model (max |logit diff| {diff:.3g}, "
-            f"{relative:.1e} of max |logit|, tolerance {TOLERANCE[quant]:.0e}, same next token: {same_argmax})"
+            f"{relative:.1e} of max |logit|, tolerance {TOLERANCE[quant]:.0e}, same next token on {same_next} of "
+            f"{len(CHECK_INPUTS)} prompts)"
             f"{_because(rebuilt)}; nothing was written"
         )
     continuations = []
@@ -84,6 +90,7 @@ def check(model, tokenizer, path: Path, quant: str) -> dict:
         "max_abs_logit_diff": diff,
         "relative": relative,
         "same_next_token": same_argmax,
+        "same_next_tokens": same_next,
         "continuations": continuations,
         "rebuilt_differently": rebuilt,
     }

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from peftkit.errors import PeftkitError
+
 Tensors = Iterable[tuple[str, np.ndarray]]
 
 
@@ -30,7 +32,8 @@ class Family:
     arch: str
     """GGUF `general.architecture` (a value of `gguf.MODEL_ARCH_NAMES`)."""
     metadata: Callable[[object], dict]
-    """config -> {key: value}, each written with `GGUFWriter.add_<key>`."""
+    """config -> {key: value}, each written with `GGUFWriter.add_<key>`; a PeftkitError for a config llama.cpp
+    would compute differently (called before the model is loaded)."""
     tensors: Callable[[str, np.ndarray, object], Tensors] = _as_is
     """One Hugging Face tensor -> (Hugging Face-style name that `gguf`'s map knows, data) pairs."""
     transform: str = "none"
@@ -155,7 +158,17 @@ def _norm_plus_one(name: str, data: np.ndarray, config) -> Tensors:
     yield name, data + 1 if name.endswith("norm.weight") else data
 
 
+def _same_query_scale(config) -> None:
+    if config.query_pre_attn_scalar != config.head_dim:  # e.g. a small config with head_dim 16 and the default 256
+        raise PeftkitError(
+            f"query_pre_attn_scalar {config.query_pre_attn_scalar} differs from head_dim {config.head_dim}; llama.cpp "
+            "scales Gemma's queries by 1/sqrt(head_dim) (measured on such a model: logits 21% of their range apart), "
+            "so a GGUF file of this model would compute differently there"
+        )
+
+
 def _gemma2(config) -> dict:
+    _same_query_scale(config)
     optional = {
         "attn_logit_softcapping": config.attn_logit_softcapping,
         "final_logit_softcapping": config.final_logit_softcapping,
@@ -165,6 +178,7 @@ def _gemma2(config) -> dict:
 
 
 def _gemma3(config) -> dict:
+    _same_query_scale(config)
     meta = _decoder(config)
     local = (getattr(config, "rope_parameters", None) or {}).get("sliding_attention", {})
     if "rope_theta" in local:

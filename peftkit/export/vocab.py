@@ -1,7 +1,7 @@
 """The tokenizer as GGUF metadata, in the two shapes llama.cpp and transformers' GGUF loader both read:
 
 - byte-level BPE (GPT-2 style: Llama 3, Qwen, SmolLM, GPT-2, StarCoder2): `tokenizer.ggml.model = "gpt2"`,
-  tokens in the byte alphabet, merges and llama.cpp's name for the pre-tokenizer split;
+  tokens in the byte alphabet, merges and llama.cpp's name for the pre-tokenizer split (`pretokenizers.py`);
 - SentencePiece-style BPE with byte fallback (Llama 2, Mistral, Gemma, Phi-3): `tokenizer.ggml.model =
   "llama"`, "\u2581" for spaces, `<0xNN>` byte tokens typed BYTE, scores and the merges.
 
@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from peftkit.errors import PeftkitError
+from peftkit.export import pretokenizers
 
 
 @dataclass
@@ -35,10 +36,18 @@ class Vocab:
     add_space_prefix: bool | None
     special: object
     """A `gguf.SpecialVocab`: special token ids, whether BOS/EOS are added, the chat template."""
+    pre_how: str = "SentencePiece models have no pre-tokenizer name"
+    """How `pre` was identified (llama.cpp's tokenizer hash, or the split rule it matched)."""
 
     @property
     def kind(self) -> str:
         return {"gpt2": "byte-level BPE", "llama": "SentencePiece BPE"}[self.model]
+
+    @property
+    def description(self) -> str:
+        if self.model == "llama":
+            return "SentencePiece BPE tokenizer"
+        return f"byte-level BPE tokenizer, pre-tokenizer {self.pre!r} by {self.pre_how}"
 
     def write(self, writer) -> None:
         writer.add_tokenizer_model(self.model)
@@ -74,8 +83,8 @@ def tokenizer_metadata(tokenizer, model_dir: Path, vocab_size: int) -> Vocab:
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
     common = {"tokens": tokens, "types": types, "merges": merges, "special": _special(tokenizer, model_dir, vocab_size)}
     if byte_level:
-        pre = _pre_tokenizer_name(spec["pre_tokenizer"], model_dir)
-        return Vocab(model="gpt2", pre=pre, scores=None, add_space_prefix=None, **common)
+        pre, how = pretokenizers.identify(tokenizer, _parts(spec["pre_tokenizer"]), model_dir)
+        return Vocab(model="gpt2", pre=pre, pre_how=how, scores=None, add_space_prefix=None, **common)
     return Vocab(model="llama", pre="default", scores=_scores(tokens, merges), add_space_prefix=_prefix(spec), **common)
 
 
@@ -153,23 +162,3 @@ def _scores(tokens: list[str], merges: list[str]) -> list[float]:
     for r, merge in enumerate(merges):
         rank.setdefault(merge.replace(" ", ""), r)
     return [-float(rank[t]) if t in rank else 0.0 for t in tokens]
-
-
-def _pre_tokenizer_name(pre: dict, model_dir: Path) -> str:
-    """llama.cpp's name (tokenizer.ggml.pre) for how this tokenizer splits text before BPE."""
-    parts = _parts(pre)
-    kinds = [p.get("type") for p in parts]
-    if kinds == ["ByteLevel"] and parts[0].get("use_regex", True):
-        return "gpt-2"  # the GPT-2 split regex
-    if kinds == ["Digits", "ByteLevel"] and parts[0].get("individual_digits") and parts[1].get("use_regex", True):
-        return "smollm"  # single digits, then the GPT-2 split regex
-    if kinds == ["Split", "ByteLevel"]:
-        from transformers.integrations.gguf.gguf_tokenizer_mapping import GGUF_PRE_TOKENIZER_SPLITS
-
-        regex = (parts[0].get("pattern") or {}).get("Regex")
-        for name, split in GGUF_PRE_TOKENIZER_SPLITS.items():
-            if split == regex:
-                return name
-    raise PeftkitError(
-        f"{model_dir}/tokenizer.json: pre-tokenizer {kinds} has no GGUF (llama.cpp) equivalent known here"
-    )

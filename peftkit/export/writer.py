@@ -1,7 +1,8 @@
 """Write one GGUF file: the family's metadata, the tokenizer and the tensors under llama.cpp's names.
 
 Storage types follow llama.cpp's converter (`ModelBase.prepare_tensors`): 1-D tensors, norms, biases, MoE
-routers and SSM convolutions stay f32; the rest is stored at the chosen precision, and a tensor q8_0 cannot
+routers and SSM / short convolutions stay f32 (llama.cpp's convolution kernels assert an f32 kernel: an f16
+one aborted it); the rest is stored at the chosen precision, and a tensor q8_0 cannot
 hold (a row length that is not a multiple of its 32-value blocks) falls back to f16, as there.
 """
 
@@ -18,7 +19,8 @@ from peftkit.progress import quiet
 
 FILE_TYPES = {"f32": "ALL_F32", "f16": "MOSTLY_F16", "q8_0": "MOSTLY_Q8_0"}  # general.file_type per --quant
 SKIPPED = (".attention.masked_bias", ".attention.bias", ".rotary_emb.inv_freq")  # buffers llama.cpp skips too
-ALWAYS_F32 = ("ffn_gate_inp", "ffn_gate_inp_shexp", "position_embd", "token_types", "ssm_conv1d")
+# tensor names (their part before .weight, after the block number) the converter keeps in f32
+ALWAYS_F32 = ("ffn_gate_inp", "ffn_gate_inp_shexp", "position_embd", "token_types", "ssm_conv1d", "shortconv.conv")
 
 
 def write(family: Family, model, config, vocab: Vocab, path: Path, quant: str, name: str) -> None:
@@ -59,7 +61,7 @@ def _add(writer, gguf, name: str, data: np.ndarray, quant: str) -> None:
         data.ndim <= 1
         or name.endswith("_norm.weight")
         or not name.endswith(".weight")
-        or name.split(".")[-2] in ALWAYS_F32
+        or name.removesuffix(".weight").split(".", 2)[-1] in ALWAYS_F32
     )
     if quant == "f32" or stays_f32:
         writer.add_tensor(name, data)
