@@ -8,6 +8,7 @@ chat template), otherwise in transformers.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
@@ -107,6 +108,7 @@ def _with_llama_cpp(target: Path, prompt: str, max_new_tokens: int, chat: bool) 
 
     from peftkit.export import llama_cpp_run
 
+    os.environ.setdefault("GGML_NO_BACKTRACE", "1")  # ggml's gdb backtrace on an assertion can hang
     tokenizer = AutoTokenizer.from_pretrained(target.parent, gguf_file=target.name)
     ids = _render(tokenizer, prompt, chat)[0].tolist()
     try:
@@ -114,7 +116,7 @@ def _with_llama_cpp(target: Path, prompt: str, max_new_tokens: int, chat: bool) 
     except llama_cpp_run.LoadError as err:
         raise PeftkitError(f"{target}: llama.cpp cannot load the file ({err})") from err
     try:
-        out = llama_cpp_run.greedy(llm, ids, {tokenizer.eos_token_id}, max_new_tokens)
+        out = llama_cpp_run.greedy(llm, ids, {tokenizer.eos_token_id}, max_new_tokens, eog=True)
     finally:
         llm.close()
     return tokenizer.decode(out, skip_special_tokens=True)

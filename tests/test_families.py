@@ -49,7 +49,7 @@ FAMILIES = {
     "qwen3": {},
     # Gemma 2 caps its logits at 30 (tanh softcapping); a tiny model at the usual init scale has logits below 1,
     # which the cap leaves alone, so its init is scaled up until logits reach ~10 as a trained model's do
-    # head_dim = query_pre_attn_scalar (256), as in Gemma 2 2B/9B and Gemma 3: the only GGUF-exportable shape
+    # head_dim = query_pre_attn_scalar (256), as in Gemma 2 2B/9B and Gemma 3: a shape both GGUF readers agree on
     "gemma2": {"head_dim": 256, "initializer_range": 0.2},
     "gemma3_text": {"head_dim": 256},
     "phi3": {},

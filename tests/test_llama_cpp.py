@@ -72,6 +72,16 @@ def test_a_pre_tokenizer_llama_cpp_has_no_name_for_is_refused_in_one_line(tmp_pa
     assert not out.exists() and [p.name for p in tmp_path.iterdir()] == ["model"]
 
 
+def test_a_normalizer_llama_cpp_does_not_apply_keeps_the_split_rule_from_naming_it(tmp_path):
+    from tokenizers import normalizers
+
+    tokenizer = byte_level(extra=export.TOKENIZER_CHECK)
+    tokenizer.backend_tokenizer.normalizer = normalizers.Lowercase()
+    with pytest.raises(PeftkitError, match=r"split \['ByteLevel'\] after a normalizer is none of its regexes"):
+        export.export_gguf(_save(tmp_path / "model", tokenizer), tmp_path / "x.gguf", quant="f32", log=lambda _: None)
+    assert not (tmp_path / "x.gguf").exists()
+
+
 def test_the_name_transformers_reader_accepted_but_llama_cpp_refuses_is_caught(model_dir, tmp_path, monkeypatch):
     """The bug of issue 25: `tokenizer.ggml.pre = "gpt2"` passed the transformers round trip; llama.cpp refuses it."""
     monkeypatch.setattr(pretokenizers, "_by_split", lambda parts: "gpt2")
@@ -104,6 +114,8 @@ def test_a_gemma_config_llama_cpp_would_scale_differently_is_refused_before_load
 
     Gemma2Config(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, head_dim=16).save_pretrained(tmp_path)  # fmt: skip
-    with pytest.raises(PeftkitError, match=r"config.json: query_pre_attn_scalar 256 differs from head_dim 16") as err:
+    with pytest.raises(
+        PeftkitError, match=r"config.json: query_pre_attn_scalar 256 differs from head_dim 16; llama.cpp"
+    ) as err:
         export.export_gguf(tmp_path, tmp_path / "g.gguf", log=lambda _: None)
     assert "\n" not in str(err.value) and not (tmp_path / "g.gguf").exists()

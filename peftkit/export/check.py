@@ -4,8 +4,9 @@ must also predict the same next token. A rounded file (f16, q8_0) may pick anoth
 source model's top two are a near-tie: a flip needs the source's margin between the two tokens to be below
 twice the max |logit diff| the tolerance already bounds, so requiring the same token would refuse a file
 for the model's own near-ties, not for the file (the demo's 54-step model: q8_0 within 1.6e-2 of max |logit|,
-one prompt's next token flipped). The number of prompts with the same next token is reported. Where the loader rebuilds the model's config differently (a field GGUF does not carry),
-the differences are named: in the error when the check fails, as a note when it passes.
+one prompt's next token flipped). The number of prompts with the same next token is reported. Where the
+loader rebuilds the model's config differently (a field GGUF does not carry), the differences are named: in
+the error when the check fails, as a note when it passes.
 """
 
 from __future__ import annotations

@@ -159,11 +159,17 @@ def _norm_plus_one(name: str, data: np.ndarray, config) -> Tensors:
 
 
 def _same_query_scale(config) -> None:
-    if config.query_pre_attn_scalar != config.head_dim:  # e.g. a small config with head_dim 16 and the default 256
+    """llama.cpp scales Gemma's queries by 1/sqrt(head_dim), except in its 27B type (Gemma 2 with 46 layers, Gemma 3
+    with 62), where it uses 1/sqrt(hidden_size / heads); a config whose query_pre_attn_scalar says otherwise would
+    compute differently there."""
+    big = config.num_hidden_layers == (46 if config.model_type == "gemma2" else 62)
+    expected = config.hidden_size // config.num_attention_heads if big else config.head_dim
+    if config.query_pre_attn_scalar != expected:  # e.g. a small config with head_dim 16 and the default 256
+        rule = "hidden_size / heads (its 27B type)" if big else "head_dim"
         raise PeftkitError(
-            f"query_pre_attn_scalar {config.query_pre_attn_scalar} differs from head_dim {config.head_dim}; llama.cpp "
-            "scales Gemma's queries by 1/sqrt(head_dim) (measured on such a model: logits 21% of their range apart), "
-            "so a GGUF file of this model would compute differently there"
+            f"query_pre_attn_scalar {config.query_pre_attn_scalar} differs from {rule} {expected}; llama.cpp scales "
+            "Gemma's queries by that (measured on such a model: logits 21% of their range apart), so a GGUF file of "
+            "this model would compute differently there"
         )
 
 

@@ -2,9 +2,9 @@
 are installed. transformers' GGUF reader does not validate everything llama.cpp reads (it took a
 pre-tokenizer name llama.cpp refuses), so a file is kept only once llama.cpp has loaded it, tokenized the
 check texts exactly like the source tokenizer, and computed logits on the check inputs that stay within the
-quantization's tolerance of the source model's (an f32 file with the same next token; see check.py for why a
-rounded file may flip a near-tie). The greedy continuations llama.cpp
-produces are compared with the source's and reported, with the share of the check inputs' positions where
+quantization's tolerance of the source model's (see check.py for why a rounded file may flip a near-tie;
+llama.cpp's f16 KV cache makes every file a rounded one, so there is no same-next-token requirement here).
+The greedy continuations llama.cpp produces are compared with the source's and reported, with the share of the check inputs' positions where
 llama.cpp's top token is the source's (a steadier measure for q8_0 than 16-token continuations, which part
 ways for good at the first near-tie).
 """
@@ -38,8 +38,15 @@ CHILD_TIMEOUT_S = 600  # the whole q8_0 export of SmolLM2-135M, both readers, to
 
 
 def available() -> bool:
-    """Whether llama.cpp's Python bindings can be imported (`pip install llama-cpp-python`)."""
-    return importlib.util.find_spec("llama_cpp") is not None
+    """Whether llama.cpp's Python bindings are installed and import (`pip install llama-cpp-python`); an install
+    whose shared library does not load counts as absent, and the export says it was not checked."""
+    if importlib.util.find_spec("llama_cpp") is None:
+        return False
+    try:
+        importlib.import_module("llama_cpp")
+    except Exception:  # noqa: BLE001 - OSError for a missing library, anything its import raises
+        return False
+    return True
 
 
 def version() -> str:
@@ -82,7 +89,9 @@ def check(model, tokenizer, path: Path, quant: str) -> dict:
             }
         )
     relative = diff / scale
-    if relative > TOLERANCE[quant] or (quant == "f32" and same_next < len(CHECK_INPUTS)):
+    # no same-next-token requirement, not even at f32: llama.cpp's f16 KV cache makes no file exact, and a flip
+    # is only possible where the source's top-two margin is within twice the max |logit diff| bounded here
+    if relative > TOLERANCE[quant]:
         raise PeftkitError(
             f"GGUF export: llama.cpp's logits on the {quant} file differ from the source model (max |logit diff| "
             f"{diff:.3g}, {relative:.1e} of max |logit|, tolerance {TOLERANCE[quant]:.0e}, same next token on "
@@ -108,7 +117,8 @@ def _run_child(path: Path, texts: list[str], prompts: list[list[int]], stop: set
         env = {**os.environ, "GGML_NO_BACKTRACE": "1"}
         try:
             done = subprocess.run([sys.executable, str(Path(__file__).with_name("llama_cpp_run.py")), scratch],
-                                  capture_output=True, text=True, env=env, timeout=CHILD_TIMEOUT_S)  # fmt: skip
+                                  capture_output=True, text=True, errors="replace", env=env,
+                                  timeout=CHILD_TIMEOUT_S)  # fmt: skip
         except subprocess.TimeoutExpired as err:
             raise PeftkitError(
                 f"GGUF export: llama.cpp did not finish running the file in {CHILD_TIMEOUT_S} s; nothing was written"
@@ -130,15 +140,16 @@ def _run_child(path: Path, texts: list[str], prompts: list[list[int]], stop: set
 
 @torch.no_grad()
 def _greedy_source(model, ids: list[int], tokenizer, stop: set[int]) -> list[int]:
-    """The source model's greedy continuation as token ids, up to the first stop token."""
+    """The source model's plain argmax continuation, up to the first stop token: a fresh generation config, so a
+    repetition penalty or suppressed tokens in the model's own generation_config.json do not differ from
+    llama.cpp's plain argmax loop."""
+    from transformers import GenerationConfig
+
     prompt = torch.tensor([ids])
-    out = model.generate(
-        prompt,
-        attention_mask=torch.ones_like(prompt),
-        max_new_tokens=hf_check.CONTINUATION_TOKENS,
-        do_sample=False,
-        pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
-    )
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    plain = GenerationConfig(max_new_tokens=hf_check.CONTINUATION_TOKENS, do_sample=False, pad_token_id=pad,
+                             eos_token_id=sorted(stop) or None)  # fmt: skip
+    out = model.generate(prompt, attention_mask=torch.ones_like(prompt), generation_config=plain)
     continuation = out[0, len(ids) :].tolist()
     return next((continuation[:i] for i, t in enumerate(continuation) if t in stop), continuation)
 

@@ -24,13 +24,17 @@ class LoadError(Exception):
     """llama.cpp refused the file; the message is its own reason (e.g. unknown pre-tokenizer type)."""
 
 
-def load(path: Path, n_ctx: int, threads: int):
-    """The file loaded by llama.cpp, logits kept for every position."""
-    from llama_cpp import Llama
+def load(path: Path, n_ctx: int, threads: int, verbose: bool = False):
+    """The file loaded by llama.cpp, logits kept for every position. `verbose=True` keeps stderr open while
+    loading (the bindings point it at /dev/null otherwise), so an assertion there still says why."""
+    try:
+        from llama_cpp import Llama
+    except Exception as err:  # noqa: BLE001 - OSError for a missing library, anything its import raises
+        raise LoadError(f"llama-cpp-python does not import: {str(err).splitlines()[0][:160]}") from err
 
     with _captured_log() as log:
         try:
-            return Llama(model_path=str(path), n_ctx=n_ctx, n_threads=threads, logits_all=True, verbose=False)
+            return Llama(model_path=str(path), n_ctx=n_ctx, n_threads=threads, logits_all=True, verbose=verbose)
         except (ValueError, RuntimeError) as err:
             said = [line.strip() for line in log if "error" in line.lower() or "unknown" in line.lower()]
             raise LoadError(said[-1] if said else str(err)) from err
@@ -43,14 +47,17 @@ def forward(llm, ids: list[int]) -> np.ndarray:
     return np.array(llm.scores[: len(ids)], dtype=np.float32)
 
 
-def greedy(llm, ids: list[int], stop: set[int], tokens: int) -> list[int]:
-    """llama.cpp's greedy continuation of `ids`: the argmax of its logits, one token at a time, up to a stop id."""
+def greedy(llm, ids: list[int], stop: set[int], tokens: int, eog: bool = False) -> list[int]:
+    """llama.cpp's greedy continuation of `ids`: the argmax of its logits, one token at a time, up to a stop id
+    (and, with `eog`, up to any token llama.cpp itself ends generation at, e.g. an end-of-turn token)."""
+    import llama_cpp
+
     llm.reset()
     llm.eval(ids)
     out = []
     for _ in range(tokens):
         token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
-        if token in stop:
+        if token in stop or (eog and llama_cpp.llama_vocab_is_eog(llm._model.vocab, token)):
             break
         out.append(token)
         llm.eval([token])
@@ -81,7 +88,7 @@ def main(scratch: Path) -> int:
     request = json.loads((scratch / "request.json").read_text())
     n_ctx = max(len(p) for p in request["prompts"]) + request["tokens"] + 64
     try:
-        llm = load(Path(request["path"]), n_ctx, request["threads"])
+        llm = load(Path(request["path"]), n_ctx, request["threads"], verbose=True)  # stderr is captured
     except LoadError as err:
         (scratch / "reply.json").write_text(json.dumps({"error": str(err)}))
         return REFUSED

@@ -199,20 +199,24 @@ def chkhsh(tokenizer) -> str:
     return hashlib.sha256(str(tokenizer.encode(CHECK_TEXT)).encode()).hexdigest()
 
 
-def identify(tokenizer, parts: list[dict], model_dir: Path) -> tuple[str, str]:
-    """(llama.cpp's name, how it was found) for a byte-level BPE tokenizer whose pre-tokenizer is `parts`."""
+def identify(tokenizer, parts: list[dict], model_dir: Path, normalizer: dict | None = None) -> tuple[str, str]:
+    """(llama.cpp's name, how it was found) for a byte-level BPE tokenizer whose pre-tokenizer is `parts`. The
+    split rules apply only to a tokenizer without a normalizer, or with NFC alone (Qwen's, which llama.cpp's own
+    table accepts): llama.cpp lowercases or NFKC-normalizes nothing."""
     digest = chkhsh(tokenizer)
     name, how = KNOWN.get(digest, (None, None))
     if name is not None:
         how = f"llama.cpp's tokenizer hash, as {how}"
     else:
-        name, how = _by_split(parts), "its split rule (the tokenizer is not in llama.cpp's table)"
+        normalizer = None if (normalizer or {}).get("type") == "NFC" else normalizer
+        name = _by_split(parts) if not normalizer else None
+        how = "its split rule (the tokenizer is not in llama.cpp's table)"
     if name is None:
-        kinds = [p.get("type") for p in parts]
+        split = f"{[p.get('type') for p in parts]}{' after a normalizer' if normalizer else ''}"
         raise PeftkitError(
-            f"{model_dir}/tokenizer.json: llama.cpp knows no pre-tokenizer for this tokenizer (hash {digest[:12]} is not "
-            f"in its converter's table and the split {kinds} is none of its regexes); a GGUF file with a guessed "
-            "tokenizer.ggml.pre would split text differently in llama.cpp, so nothing was written"
+            f"{model_dir}/tokenizer.json: llama.cpp knows no pre-tokenizer for this tokenizer (hash {digest[:12]} is "
+            f"not in its converter's table, and the split {split} is none of its regexes); a GGUF file with a "
+            "guessed tokenizer.ggml.pre would split text differently in llama.cpp, so nothing was written"
         )
     if name not in ACCEPTED:  # the table and the rules below name only what llama.cpp's loader accepts
         raise PeftkitError(f"{model_dir}: pre-tokenizer {name!r} is not one llama.cpp loads; nothing was written")

@@ -83,7 +83,7 @@ def tokenizer_metadata(tokenizer, model_dir: Path, vocab_size: int) -> Vocab:
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
     common = {"tokens": tokens, "types": types, "merges": merges, "special": _special(tokenizer, model_dir, vocab_size)}
     if byte_level:
-        pre, how = pretokenizers.identify(tokenizer, _parts(spec["pre_tokenizer"]), model_dir)
+        pre, how = pretokenizers.identify(tokenizer, _parts(spec["pre_tokenizer"]), model_dir, spec.get("normalizer"))
         return Vocab(model="gpt2", pre=pre, pre_how=how, scores=None, add_space_prefix=None, **common)
     return Vocab(model="llama", pre="default", scores=_scores(tokens, merges), add_space_prefix=_prefix(spec), **common)
 
