@@ -20,7 +20,7 @@ import torch
 
 from peftkit.errors import PeftkitError
 from peftkit.export import check, families, llama_cpp_check, vocab, writer
-from peftkit.export.check import CHECK_INPUTS, TOKENIZER_CHECK, TOLERANCE, greedy  # noqa: F401
+from peftkit.export.check import CHECK_INPUTS, TOKENIZER_CHECK, TOLERANCE  # noqa: F401
 from peftkit.export.families import FAMILIES, REFUSED, loader_families, support_table  # noqa: F401
 from peftkit.locking import OutputLock
 
@@ -67,10 +67,11 @@ def _export_gguf(model_dir: Path, out: Path, quant: str, overwrite: bool, log) -
     try:
         partial = scratch / out.name
         writer.write(family, model, config, tokens, partial, quant, name=model_dir.name)
-        result = check.check(model, tokenizer, partial, quant)
+        source = check.source_side(model, tokenizer)  # one forward and continuation per check input, for both
+        result = check.check(model, tokenizer, partial, quant, source)
         readers = ["transformers' GGUF reader"]
         if llama_cpp_check.available():
-            result["llama_cpp"] = llama_cpp_check.check(model, tokenizer, partial, quant)
+            result["llama_cpp"] = llama_cpp_check.check(tokenizer, partial, quant, source)
             readers.append(result["llama_cpp"]["reader"])
         os.replace(partial, out)
     finally:

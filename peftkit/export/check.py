@@ -33,8 +33,20 @@ NOT_COMPARED = set(
 )
 
 
-def check(model, tokenizer, path: Path, quant: str) -> dict:
-    """Reload the file with transformers' GGUF loader; compare config, tokenisation and logits with the source."""
+def source_side(model, tokenizer) -> dict:
+    """The source model's side of both readers' checks, computed once: per check input its token ids, logits
+    and plain-argmax continuation."""
+    stop = stop_ids(model, tokenizer)
+    prompts = [tokenizer(text).input_ids for text in CHECK_INPUTS]
+    with torch.no_grad():
+        logits = [model(torch.tensor([ids])).logits[0].float() for ids in prompts]
+    greedy = [greedy_ids(model, ids, tokenizer, stop) for ids in prompts]
+    return {"prompts": prompts, "logits": logits, "greedy": greedy, "stop": stop}
+
+
+def check(model, tokenizer, path: Path, quant: str, source: dict) -> dict:
+    """Reload the file with transformers' GGUF loader; compare config, tokenisation and logits with the source
+    (`source_side`)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
@@ -67,12 +79,11 @@ def check(model, tokenizer, path: Path, quant: str) -> dict:
             )
     diff, scale, same_next = 0.0, 0.0, 0
     with torch.no_grad():
-        for text in CHECK_INPUTS:
-            ids = torch.tensor([tokenizer(text).input_ids])
-            x, y = model(ids).logits, reloaded(ids).logits
+        for ids, x in zip(source["prompts"], source["logits"], strict=True):
+            y = reloaded(torch.tensor([ids])).logits[0]
             diff = max(diff, (x - y).abs().max().item())
             scale = max(scale, x.abs().max().item())
-            same_next += int(x[0, -1].argmax() == y[0, -1].argmax())
+            same_next += int(x[-1].argmax() == y[-1].argmax())
     relative = diff / scale
     same_argmax = same_next == len(CHECK_INPUTS)
     if relative > TOLERANCE[quant] or (quant == "f32" and not same_argmax):
@@ -83,10 +94,12 @@ def check(model, tokenizer, path: Path, quant: str) -> dict:
             f"{_because(rebuilt)}; nothing was written"
         )
     continuations = []
-    for text in CHECK_INPUTS:
-        ids = torch.tensor([tokenizer(text).input_ids])
-        a, b = (greedy(m, ids, tokenizer) for m in (model, reloaded))
-        continuations.append({"prompt": text, "source": a, "gguf": b, "same": a == b})
+    for text, ids, ours in zip(CHECK_INPUTS, source["prompts"], source["greedy"], strict=True):
+        theirs = greedy_ids(reloaded, ids, tokenizer, source["stop"])
+        decoded = {
+            key: tokenizer.decode(t, skip_special_tokens=True) for key, t in (("source", ours), ("gguf", theirs))
+        }
+        continuations.append({"prompt": text, **decoded, "same": ours == theirs})
     return {
         "max_abs_logit_diff": diff,
         "relative": relative,
@@ -128,12 +141,24 @@ def _because(rebuilt: list[str]) -> str:
 
 
 @torch.no_grad()
-def greedy(model, ids: torch.Tensor, tokenizer) -> str:
-    out = model.generate(
-        ids,
-        attention_mask=torch.ones_like(ids),
-        max_new_tokens=CONTINUATION_TOKENS,
-        do_sample=False,
-        pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
-    )
-    return tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+def greedy_ids(model, ids: list[int], tokenizer, stop: set[int]) -> list[int]:
+    """The model's plain argmax continuation of `ids`, up to the first stop token: a fresh generation config, so a
+    repetition penalty or suppressed tokens in the source's generation_config.json (which a GGUF file does not
+    carry, and llama.cpp's argmax loop does not apply) cannot make two readers differ."""
+    from transformers import GenerationConfig
+
+    prompt = torch.tensor([ids])
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    plain = GenerationConfig(max_new_tokens=CONTINUATION_TOKENS, do_sample=False, pad_token_id=pad,
+                             eos_token_id=sorted(stop) or None)  # fmt: skip
+    out = model.generate(prompt, attention_mask=torch.ones_like(prompt), generation_config=plain)
+    continuation = out[0, len(ids) :].tolist()
+    return next((continuation[:i] for i, t in enumerate(continuation) if t in stop), continuation)
+
+
+def stop_ids(model, tokenizer) -> set[int]:
+    """The source's end-of-sequence ids (its generation config's, else the tokenizer's)."""
+    eos = model.generation_config.eos_token_id
+    if eos is None:
+        eos = tokenizer.eos_token_id
+    return set(eos if isinstance(eos, list) else [] if eos is None else [eos])

@@ -4,9 +4,9 @@ pre-tokenizer name llama.cpp refuses), so a file is kept only once llama.cpp has
 check texts exactly like the source tokenizer, and computed logits on the check inputs that stay within the
 quantization's tolerance of the source model's (see check.py for why a rounded file may flip a near-tie;
 llama.cpp's f16 KV cache makes every file a rounded one, so there is no same-next-token requirement here).
-The greedy continuations llama.cpp produces are compared with the source's and reported, with the share of the check inputs' positions where
-llama.cpp's top token is the source's (a steadier measure for q8_0 than 16-token continuations, which part
-ways for good at the first near-tie).
+The greedy continuations llama.cpp produces are compared with the source's and reported, with the share of
+the check inputs' positions where llama.cpp's top token is the source's (a steadier measure for q8_0 than
+16-token continuations, which part ways for good at the first near-tie).
 """
 
 from __future__ import annotations
@@ -55,13 +55,12 @@ def version() -> str:
     return f"llama.cpp (llama-cpp-python {installed('llama-cpp-python')})"
 
 
-def check(model, tokenizer, path: Path, quant: str) -> dict:
+def check(tokenizer, path: Path, quant: str, source: dict) -> dict:
     """Have llama.cpp run the file in a child process (an assertion inside llama.cpp aborts its process, which
-    must not be peftkit's); compare its tokenisation, logits and greedy continuations with the source's."""
+    must not be peftkit's); compare its tokenisation, logits and greedy continuations with the source's
+    (`check.source_side`)."""
     texts = [*TOKENIZER_CHECK, CHECK_TEXT]
-    prompts = [tokenizer(text).input_ids for text in CHECK_INPUTS]
-    stop = _stop_ids(model, tokenizer)
-    theirs = _run_child(path, texts, prompts, stop)
+    theirs = _run_child(path, texts, source["prompts"], source["stop"])
     for text, tokens in zip(texts, theirs["tokens"], strict=True):
         ours = tokenizer(text).input_ids
         if ours != tokens:
@@ -71,21 +70,21 @@ def check(model, tokenizer, path: Path, quant: str) -> dict:
                 f"{first}: {ours[first : first + 6]} vs {tokens[first : first + 6]}); nothing was written"
             )
     diff, scale, same_next, agree, positions, continuations = 0.0, 0.0, 0, 0, 0, []
-    for text, ids, y, their_tokens in zip(CHECK_INPUTS, prompts, theirs["logits"], theirs["greedy"], strict=True):
-        with torch.no_grad():
-            x = model(torch.tensor([ids])).logits[0].float().numpy()
+    ours_all = (source["prompts"], source["logits"], source["greedy"])
+    runs = zip(CHECK_INPUTS, *ours_all, theirs["logits"], theirs["greedy"], strict=True)
+    for text, ids, x, ours, y, their_tokens in runs:
+        x = x.numpy()
         diff = max(diff, float(np.abs(x - y[:, : x.shape[1]]).max()))
         scale = max(scale, float(np.abs(x).max()))
         same_next += int(x[-1].argmax()) == int(y[-1].argmax())
         agree += int((x.argmax(-1) == y[:, : x.shape[1]].argmax(-1)).sum())
         positions += len(ids)
-        source = _greedy_source(model, ids, tokenizer, stop)
         continuations.append(
             {
                 "prompt": text,
-                "source": tokenizer.decode(source, skip_special_tokens=True),
+                "source": tokenizer.decode(ours, skip_special_tokens=True),
                 "llama_cpp": tokenizer.decode(their_tokens, skip_special_tokens=True),
-                "same": source == their_tokens,
+                "same": ours == their_tokens,
             }
         )
     relative = diff / scale
@@ -136,26 +135,3 @@ def _run_child(path: Path, texts: list[str], prompts: list[list[int]], stop: set
         said = next((line for line in reversed(lines) if "GGML_ASSERT" in line or "error" in line.lower()), None)
         said = said or (lines[-1] if lines else f"exit status {done.returncode}")
         raise PeftkitError(f"GGUF export: llama.cpp crashed running the file ({said[:200]}); nothing was written")
-
-
-@torch.no_grad()
-def _greedy_source(model, ids: list[int], tokenizer, stop: set[int]) -> list[int]:
-    """The source model's plain argmax continuation, up to the first stop token: a fresh generation config, so a
-    repetition penalty or suppressed tokens in the model's own generation_config.json do not differ from
-    llama.cpp's plain argmax loop."""
-    from transformers import GenerationConfig
-
-    prompt = torch.tensor([ids])
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    plain = GenerationConfig(max_new_tokens=hf_check.CONTINUATION_TOKENS, do_sample=False, pad_token_id=pad,
-                             eos_token_id=sorted(stop) or None)  # fmt: skip
-    out = model.generate(prompt, attention_mask=torch.ones_like(prompt), generation_config=plain)
-    continuation = out[0, len(ids) :].tolist()
-    return next((continuation[:i] for i, t in enumerate(continuation) if t in stop), continuation)
-
-
-def _stop_ids(model, tokenizer) -> set[int]:
-    eos = model.generation_config.eos_token_id
-    if eos is None:
-        eos = tokenizer.eos_token_id
-    return set(eos if isinstance(eos, list) else [] if eos is None else [eos])
