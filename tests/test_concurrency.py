@@ -5,6 +5,7 @@ that the processes overlap, and counts its calls in a file), run in separate Pyt
 together: the race the issue reported (every process writing the same `.partial` names) showed only there.
 """
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -319,8 +320,9 @@ def dead_rank_launch(
         lines.append(line)
         if line.startswith("peftkit: error:") and "file" in dead:
             pid, at = Path(dead["file"]).read_text().split()
-            waited = time.time() - float(at)
-            os.kill(int(pid), signal.SIGKILL)  # a frozen rank would otherwise outlive the launcher's SIGTERM
+            waited = min(waited, time.time() - float(at))
+            with contextlib.suppress(ProcessLookupError):  # a frozen rank would outlive the launcher's SIGTERM
+                os.kill(int(pid), signal.SIGKILL)
         assert time.monotonic() < deadline, "".join(lines)[-3000:]
     proc.wait(timeout=60)
     watchdog.cancel()
@@ -331,7 +333,9 @@ def dead_rank_launch(
 def test_a_dead_or_frozen_rank_stops_the_other_in_time_and_resume_is_exact(tiny_config, tmp_path):
     """A rank killed (connections closed) or frozen (a machine that stalls: only the collective timeout can
     tell) after step 5: the other stops with one line naming the last complete checkpoint (step 4), within
-    train.collective_timeout, and `--train.resume=true` ends with the adapter of an uninterrupted run."""
+    train.collective_timeout, and `--train.resume=true` ends with the adapter of an uninterrupted run. The
+    launcher's SIGTERM (torchrun sends it to the survivors when one process ends, at times before their next
+    collective fails, which made this test flaky) gives the same line: rank 0 sent it at step 5 here."""
     config = dataclasses.replace(
         tiny_config,
         train=dataclasses.replace(
@@ -348,21 +352,24 @@ def test_a_dead_or_frozen_rank_stops_the_other_in_time_and_resume_is_exact(tiny_
     config.save_yaml(yaml)
     straight, _, _ = dead_rank_launch(yaml, tmp_path / "straight")
     assert straight.returncode == 0
-    for how in ("SIGKILL", "SIGSTOP"):
+    for how, rank in (("SIGKILL", "1"), ("SIGSTOP", "1"), ("SIGTERM", "0")):
         run, marker = tmp_path / how, tmp_path / f"{how}.pid"
-        proc, err, waited = dead_rank_launch(yaml, run, rank="1", step="5", signal=how, file=str(marker))
+        proc, err, waited = dead_rank_launch(yaml, run, rank=rank, step="5", signal=how, file=str(marker))
         assert proc.returncode != 0
         mine = [line for line in err.splitlines() if line.startswith("peftkit: error:")]
-        assert len(mine) == 1, err[-3000:]
-        assert re.fullmatch(
-            r"peftkit: error: another process of this run stopped or did not answer within "
-            r"train\.collective_timeout=4s \(.+\); the last complete checkpoint is "
-            + re.escape(f"{run / 'checkpoints' / 'step-4'}; once every process can run again, continue with "
-                        f"--train.resume=true (output_dir {run})"),
-            mine[0],
-        ), mine[0]  # fmt: skip
-        assert "[rank0]: Traceback" not in err  # the survivor's own output is the one line
-        assert waited < (5 if how == "SIGKILL" else 4 + 20), (how, waited)  # killed: at once; frozen: the timeout
+        # rank 0 is the one that died or was SIGTERMed at step 5 there: rank 1 may then print its own line too
+        assert len(mine) == 1 or (how == "SIGTERM" and len(mine) == 2), err[-3000:]
+        for line in mine:
+            assert re.fullmatch(
+                r"peftkit: error: another process of this run stopped or did not answer within "
+                r"train\.collective_timeout=4s \(.+\); the last complete checkpoint is "
+                + re.escape(f"{run / 'checkpoints' / 'step-4'}; once every process can run again, continue with "
+                            f"--train.resume=true (output_dir {run})"),
+                line,
+            ), line  # fmt: skip
+        assert how != "SIGTERM" or any("the launcher stopped this process with SIGTERM" in line for line in mine)
+        assert not re.search(r"\[rank\d\]: Traceback", err), err[-3000:]  # a survivor's own output is its line
+        assert waited < (4 + 20 if how == "SIGSTOP" else 5), (how, waited)  # killed: at once; frozen: the timeout
         assert checkpoint.latest_valid(run) == run / "checkpoints" / "step-4"
         resumed, err, _ = dead_rank_launch(yaml, run, "--train.resume=true")
         assert resumed.returncode == 0, err[-3000:]
