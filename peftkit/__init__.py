@@ -2,6 +2,8 @@
 
 from peftkit import Config, Trainer
 report = Trainer(Config(output_dir="runs/x")).fit()
+
+PreferenceTrainer (train.objective=dpo: preference pairs, docs/alignment.md) takes the same arguments.
 """
 
 from peftkit.callbacks import Callback
@@ -16,6 +18,7 @@ __all__ = [
     "MethodConfig",
     "ModelConfig",
     "PeftkitError",
+    "PreferenceTrainer",
     "TrainConfig",
     "Trainer",
 ]
@@ -27,4 +30,8 @@ def __getattr__(name):
         from peftkit.trainer import Trainer
 
         return Trainer
+    if name == "PreferenceTrainer":
+        from peftkit.alignment.trainer import PreferenceTrainer
+
+        return PreferenceTrainer
     raise AttributeError(name)

@@ -41,9 +41,10 @@ def load_target(target: str) -> Config:
 
 
 def train(config: Config) -> dict:
+    from peftkit.alignment.trainer import PreferenceTrainer
     from peftkit.trainer import Trainer
 
-    return Trainer(config).fit()
+    return (PreferenceTrainer if config.train.objective == "dpo" else Trainer)(config).fit()
 
 
 def run_recipe(config: Config, argv: list[str] | None = None, prog: str | None = None) -> None:

@@ -14,18 +14,10 @@ from pathlib import Path
 from typing import Any
 
 from peftkit import schema
+from peftkit.alignment.config import AlignConfig
 from peftkit.errors import PeftkitError
-
-
-def _f(default: Any, help: str, choices: tuple | None = None) -> Any:
-    if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata={"help": help, "choices": choices})
-    return field(default=default, metadata={"help": help, "choices": choices})
-
-
-def _require(ok: bool, key: str, message: str) -> None:
-    if not ok:
-        raise PeftkitError(f"config key '{key}': {message}")
+from peftkit.schema import option as _f
+from peftkit.schema import require as _require
 
 
 @dataclass
@@ -48,6 +40,15 @@ class ModelConfig:
         "load the frozen base quantized through bitsandbytes: 4-bit NormalFloat (QLoRA) or 8-bit",
         ("none", "nf4", "int8"),
     )
+    adapter: str = _f(
+        "",
+        "a PEFT adapter folder (or a run folder: its adapter/) merged into the base weights as they "
+        "load: the model a second stage (e.g. DPO after domain tuning) starts from and is compared with",
+    )
+
+    def __post_init__(self):
+        _require(not self.adapter or self.quantization == "none", "model.adapter",
+                 "cannot be merged into a quantized base; merge it first (peftkit merge) and quantize that")  # fmt: skip
 
 
 AUGMENTATIONS = ("token_noise", "sentence_shuffle")
@@ -69,8 +70,9 @@ class DataConfig:
     format: str = _f(
         "text",
         "text (continued pretraining: loss on every token), instruction (prompt/response fields) or chat (a "
-        "messages list, rendered with the tokenizer's chat template); the last two train on responses only",
-        ("text", "instruction", "chat"),
+        "messages list, rendered with the tokenizer's chat template); the last two train on responses only; "
+        "preference: prompt/chosen/rejected (strings, or message lists) for train.objective=dpo",
+        ("text", "instruction", "chat", "preference"),
     )
     prompt_field: str = _f("prompt", "instruction format: field with the prompt")
     prompt_template: str = _f(
@@ -78,6 +80,8 @@ class DataConfig:
     )
     response_field: str = _f("response", "instruction format: field with the response")
     messages_field: str = _f("messages", "chat format: field with the list of {role, content} messages")
+    chosen_field: str = _f("chosen", "preference format: field with the preferred completion")
+    rejected_field: str = _f("rejected", "preference format: field with the dispreferred completion")
     train_on_prompt: bool = _f(False, "instruction / chat: also put loss on prompt and user tokens")
     general_source: str = _f(
         "asset:wiki-general",
@@ -226,6 +230,12 @@ def duration_s(text: str) -> float | None:
 
 @dataclass
 class TrainConfig:
+    objective: str = _f(
+        "lm",
+        "lm: next-token loss on the data; dpo: preference pairs (data.format=preference), the "
+        "model as it starts being the reference (docs/alignment.md)",
+        ("lm", "dpo"),
+    )
     max_steps: int = _f(100, "optimizer steps to train (unless train.time_budget is set)")
     time_budget: str = _f(
         "",
@@ -407,10 +417,13 @@ class Config:
     method: MethodConfig = field(default_factory=MethodConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    align: AlignConfig = field(default_factory=AlignConfig)
     output_dir: str = _f("runs/peftkit", "run folder: checkpoints, adapter, metrics and report")
     seed: int = _f(0, "seed for data order, adapter initialisation and dropout")
 
     def __post_init__(self):
+        _require((self.train.objective == "dpo") == (self.data.format == "preference"), "train.objective",
+                 "dpo trains on pairs and pairs train only with dpo: set train.objective=dpo with data.format=preference")  # fmt: skip
         if self.method.name == "qlora":
             _require(self.model.quantization != "none", "model.quantization",
                      "method qlora trains LoRA on a quantized base: set model.quantization=nf4 (or int8)")  # fmt: skip

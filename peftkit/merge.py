@@ -67,7 +67,7 @@ def _merge_runs(run_dirs, weights, combination, out, dtype, overwrite, log, stag
     if len(weights) != len(run_dirs):
         raise PeftkitError(f"--weights: {len(weights)} weights for {len(run_dirs)} adapters; give one per adapter")
     configs = [Config.from_yaml(r / "config.yaml") for r in run_dirs]
-    bases = {c.model.name_or_path for c in configs}
+    bases = {c.model.name_or_path + (f" + {c.model.adapter}" if c.model.adapter else "") for c in configs}
     if len(bases) > 1:
         raise PeftkitError(f"the adapters were trained on different base models ({', '.join(sorted(bases))})")
     config = configs[0]
@@ -166,7 +166,8 @@ def model_card(run_dir: Path, config: Config, check: dict) -> str:
     lines = [
         f"# {run_dir.name} (merged by peftkit)",
         "",
-        f"- base model: `{config.model.name_or_path}`",
+        f"- base model: `{config.model.name_or_path}`"
+        + (f" with `{config.model.adapter}` merged" if config.model.adapter else ""),
         f"- method: {method.name}, r={method.r}, alpha={method.alpha}, targets {', '.join(method.target_modules)}",
         f"- data: `{config.data.source}`, rows of {config.data.seq_len} tokens, {config.train.max_steps} steps "
         f"at lr {config.train.lr}",
@@ -174,7 +175,11 @@ def model_card(run_dir: Path, config: Config, check: dict) -> str:
         f"{check['max_abs_logit_diff_vs_adapter']:.1e}",
     ]
     report_path = run_dir / "report.json"
-    if report_path.exists():
+    if report_path.exists() and config.train.objective == "dpo":
+        from peftkit.alignment.report import format_preference_report
+
+        lines += ["", "```", format_preference_report(json.loads(report_path.read_text())), "```"]
+    elif report_path.exists():
         from peftkit.evaluation.run_report import RunReport
 
         report = RunReport.load(report_path)

@@ -89,16 +89,46 @@ def load_model(config: ModelConfig, dtype: torch.dtype | None = None, log=lambda
     path = model_path(config, log)
     safetensors = any(path.glob("*.safetensors"))  # else allow_pickle was given: transformers uses weights_only
     extra = {"quantization_config": quantization_config(config, dtype)} if config.quantization != "none" else {}
+    adapter = stage_adapter(config)
     try:
-        return AutoModelForCausalLM.from_pretrained(
-            path, dtype=dtype, use_safetensors=safetensors, trust_remote_code=config.trust_remote_code, **extra
+        model = AutoModelForCausalLM.from_pretrained(
+            path,
+            dtype=torch.float32 if adapter else dtype,  # merged in fp32, then cast: no rounding of the update
+            use_safetensors=safetensors,
+            trust_remote_code=config.trust_remote_code,
+            **extra,
         )
+        return _merged(model, adapter, config).to(dtype) if adapter else model
     except (RuntimeError, ValueError, ImportError) as err:
         if not extra:
             raise
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise PeftkitError(f"model.quantization={config.quantization}: bitsandbytes cannot quantize on this machine "
                            f"({first}); set model.quantization=none (peftkit doctor shows what works)") from None  # fmt: skip
+
+
+def stage_adapter(config: ModelConfig) -> Path | None:
+    """model.adapter's folder (a run folder's adapter/), or None when unset."""
+    if not config.adapter:
+        return None
+    path = Path(config.adapter).expanduser()
+    if (path / "adapter" / "adapter_config.json").is_file():
+        path = path / "adapter"
+    if not (path / "adapter_config.json").is_file():
+        raise PeftkitError(f"model.adapter={config.adapter}: no adapter_config.json there nor in its adapter/; "
+                           "give a PEFT adapter folder or a finished run folder")  # fmt: skip
+    return path
+
+
+def _merged(model, adapter: Path, config: ModelConfig):
+    from peft import PeftModel
+
+    try:
+        return PeftModel.from_pretrained(model, adapter).merge_and_unload()
+    except (RuntimeError, ValueError, KeyError) as err:
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+        raise PeftkitError(f"model.adapter={config.adapter}: does not fit {config.name_or_path} ({first}); "
+                           "give the adapter of a run on this base model") from None  # fmt: skip
 
 
 def quantization_config(config: ModelConfig, dtype: torch.dtype):

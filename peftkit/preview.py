@@ -22,6 +22,9 @@ SAMPLE_DOCS = 2000  # larger training splits are counted on a seeded sample and 
 
 
 def preview(config: Config, timed_steps: int = 2, log=print) -> dict:
+    from peftkit.alignment.config import text_only
+
+    text_only(config, "peftkit preview")
     tokenizer = models.load_tokenizer(config.model, log=log)
     seq_len, batch = config.data.seq_len, config.train.batch_size
     splits = {}

@@ -14,6 +14,18 @@ from typing import Any
 from peftkit.errors import PeftkitError
 
 
+def option(default: Any, help: str, choices: tuple | None = None) -> Any:
+    """A config field with its one help text (and the values it accepts)."""
+    if isinstance(default, list):
+        return dataclasses.field(default_factory=lambda: list(default), metadata={"help": help, "choices": choices})
+    return dataclasses.field(default=default, metadata={"help": help, "choices": choices})
+
+
+def require(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise PeftkitError(f"config key '{key}': {message}")
+
+
 def keys(cls: type, path: list[str]) -> list[str]:
     for section in path:
         cls = typing.get_type_hints(cls)[section]

@@ -180,7 +180,7 @@ class Trainer:
 
     def _setup_optimizer(self) -> None:
         train, acc = self.config.train, self.accelerator
-        forward, self.compiled = setup_training_forward(self.model, train, acc, self.data.sample(), self.log)
+        forward, self.compiled = self._training_forward()
         if self.sharded:  # before the optimizer is made: sharding replaces the parameters
             sharding.shard_training_forward(forward, self.model, acc, self.data.sample(), self.log)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
@@ -193,6 +193,10 @@ class Trainer:
             self.forward, self.optimizer = forward, acc.prepare(optimizer)
         else:
             self.forward, self.optimizer = acc.prepare(forward, optimizer)
+
+    def _training_forward(self) -> tuple[torch.nn.Module, bool]:
+        """The module a step calls, its loss included, and whether it was compiled."""
+        return setup_training_forward(self.model, self.config.train, self.accelerator, self.data.sample(), self.log)
 
     def _setup_run_dir(self, resume: bool) -> None:
         """A fresh run folder, or the newest complete checkpoint restored into model, optimizer and state."""
@@ -375,14 +379,9 @@ class Trainer:
 
     def save_checkpoint(self) -> Path:
         """Checkpoint the current step (every process calls this; written atomically)."""
+        state, acc = self.state, self.accelerator
         path = checkpoint.save(
-            self.run_dir,
-            self.state.step,
-            self.forward,
-            self.optimizer,
-            self.scheduler,
-            self.state.to_json(),
-            self.accelerator,
+            self.run_dir, state.step, self.forward, self.optimizer, self.scheduler, state.to_json(), acc
         )
         self.callbacks.call("on_save", self, path)
         return path

@@ -7,7 +7,7 @@ import sys
 import torch
 from peft import get_peft_model_state_dict
 
-from peftkit import Config, Trainer, sharding
+from peftkit import Config, PreferenceTrainer, Trainer, sharding
 
 
 def local_bytes(tensor) -> int:
@@ -26,7 +26,9 @@ class FrozenBytes:
 
 config = Config.from_yaml(sys.argv[1]).override(sys.argv[3:])
 frozen = FrozenBytes()
-trainer = Trainer(config, callbacks=[frozen], log=lambda _: None)
+trainer = (PreferenceTrainer if config.train.objective == "dpo" else Trainer)(
+    config, callbacks=[frozen], log=lambda _: None
+)
 trainer.fit()
 rank = trainer.accelerator.process_index
 state = {

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import hashlib
 from contextlib import nullcontext
+from dataclasses import replace
 
 import numpy as np
 
 from peftkit import assets, dedup
+from peftkit.alignment.pairs import split_key
 from peftkit.config import DataConfig
 from peftkit.data import streaming
 from peftkit.data.cache import store
@@ -45,9 +47,12 @@ def _source_split(config: DataConfig, split: str, log=lambda _: None) -> list[st
             )
         return streaming.held_out(config, split, log)
     docs, where, presplit = source_documents(path, split, config)
-    docs = _deduplicated(list(docs), config, where, log)
+    pairs = config.format == "preference"  # pairs sharing a prompt are near-duplicates and all stay
+    docs = _deduplicated(list(docs), replace(config, dedup="exact") if pairs and config.dedup == "near" else config,
+                         where, log)  # fmt: skip
     if not presplit:
-        docs = [d for d in docs if split_of("text:" + d, config.validation_share, config.test_share) == split]
+        key = split_key if pairs else lambda d: "text:" + d
+        docs = [d for d in docs if split_of(key(d), config.validation_share, config.test_share) == split]
     if not docs:
         raise PeftkitError(f"data.source: {path} gives an empty {split} split; add documents")
     return docs

@@ -93,6 +93,10 @@ def record_document(record, spec: DataConfig, where: str) -> str:
     """One record as a document: its text, or for instruction/chat its messages as a JSON list."""
     if not isinstance(record, dict):
         raise PeftkitError(f"{where}: expected a JSON object, got {type(record).__name__}")
+    if spec.format == "preference":
+        from peftkit.alignment.pairs import pair_record
+
+        return pair_record(record, spec, where)
     if spec.format == "instruction":
         prompt = _field_or_template(record, spec.prompt_field, spec.prompt_template, "data.prompt_template", where)
         response = _field_or_template(record, spec.response_field, "", "", where)

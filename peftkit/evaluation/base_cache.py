@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from peftkit import assets
+from peftkit import assets, models
 from peftkit.hashing import sha256_file_memo
 
 FORMAT = 1  # bump when what an entry holds changes
@@ -43,10 +43,15 @@ def model_fingerprint(model_config) -> str | None:
     folder = assets.resolve(ref) if assets.is_asset(ref) else Path(ref).expanduser()
     if not folder.is_dir():
         return None
-    files = sorted(f for f in folder.iterdir() if f.is_file() and not f.name.startswith("."))
+
+    def hashed(folder: Path) -> list:
+        files = sorted(f for f in folder.iterdir() if f.is_file() and not f.name.startswith("."))
+        return [(f.name, sha256_file_memo(f)) for f in files]
+
+    adapter = models.stage_adapter(model_config)  # a merged stage adapter is part of the base: never the plain base
     digest = hashlib.sha256(json.dumps(
-        {"dtype": model_config.dtype, "quantization": model_config.quantization,
-         "files": [(f.name, sha256_file_memo(f)) for f in files]}, sort_keys=True).encode())  # fmt: skip
+        {"dtype": model_config.dtype, "quantization": model_config.quantization, "files": hashed(folder),
+         **({"adapter": hashed(adapter)} if adapter else {})}, sort_keys=True).encode())  # fmt: skip
     return digest.hexdigest()
 
 

@@ -18,7 +18,10 @@ from peftkit.evaluation.run_report import as_run_report
 
 
 def cross_validate(config: Config, folds: int, log=print) -> dict:
+    from peftkit.alignment.config import text_only
     from peftkit.trainer import Trainer
+
+    text_only(config, "peftkit cv")
 
     base = Path(config.output_dir)
     results = []

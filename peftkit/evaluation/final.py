@@ -199,6 +199,7 @@ def evaluate_run(run_dir: Path, log=lambda _: None, recompute: bool = False) -> 
     from peft import PeftModel
 
     from peftkit import models, runtime
+    from peftkit.alignment.config import text_only
     from peftkit.config import Config
     from peftkit.errors import PeftkitError
     from peftkit.evaluation.render import write_report_files
@@ -207,6 +208,7 @@ def evaluate_run(run_dir: Path, log=lambda _: None, recompute: bool = False) -> 
     if not (run_dir / "adapter" / "adapter_config.json").exists():
         raise PeftkitError(f"{run_dir}: no adapter/ folder; is this a finished peftkit run?")
     config = Config.from_yaml(run_dir / "config.yaml")
+    text_only(config, "peftkit eval")
     if recompute:
         config = config.override(["--eval.cache=false"])
     accelerator = models.make_accelerator(config.train.mixed_precision)
