@@ -92,19 +92,15 @@ class Trainer:
     def fit(self, resume: bool | None = None) -> dict:
         """Train, evaluate against the base model, and return the report (also in RUN_DIR/report.json)."""
         try:
-            self.setup(self.config.train.resume if resume is None else resume)
-            try:
-                self.train()
-            except KeyboardInterrupt:
-                self._save_on_interrupt()
-                raise
-            with runtime.eager():
-                return self.finish()
-        except Exception as err:
-            if self.accelerator and distributed.lost_peer(err, self.accelerator.num_processes):
-                kept = checkpoint.latest_valid(self.run_dir)
-                raise distributed.run_aborted(err, self.run_dir, kept, self.config.train.collective_timeout) from err
-            raise
+            with distributed.peers_watched(self.run_dir, self.config.train.collective_timeout):
+                self.setup(self.config.train.resume if resume is None else resume)
+                try:
+                    self.train()
+                except KeyboardInterrupt:
+                    self._save_on_interrupt()
+                    raise
+                with runtime.eager():
+                    return self.finish()
         finally:
             if self.folder_lock:
                 self.folder_lock.release()
