@@ -47,6 +47,10 @@ def compare(
     if after_arms:
         raise PeftkitError(f"{after_arms[0]} after --arm: overrides for every run go before the first --arm; an "
                            "arm's own are written without dashes (--arm NAME train.lr=1e-3)")  # fmt: skip
+    from peftkit.alignment.config import text_only
+    from peftkit.cli import load_target
+
+    text_only(load_target(target).override(list(overrides)), "peftkit compare")
     runs = {method: presets[method].overrides() for method in methods}
     for name, *settings in arms:
         if not name.replace("-", "").replace("_", "").replace(".", "").isalnum() or "=" in name or name in runs:

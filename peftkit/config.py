@@ -369,6 +369,12 @@ class EvalConfig:
         "of the medical MMLU subjects (1,089) and as many of the others (see docs/guard.md for its cost)",
         choices=("all",),
     )
+    qa_half: str = _f(
+        "all",
+        "QA on every question, or only on those whose text hashes into the test half (the "
+        "other half may have trained the run: recipes/medical_dpo.py)",
+        ("all", "test"),
+    )
     diagnostics: bool = _f(True, "memorisation and train/held-out leakage checks in the final report")
     cache: bool = _f(
         True,

@@ -125,9 +125,9 @@ def _merged(model, adapter: Path, config: ModelConfig):
 
     try:
         return PeftModel.from_pretrained(model, adapter).merge_and_unload()
-    except (RuntimeError, ValueError, KeyError) as err:
+    except (RuntimeError, ValueError, KeyError, AttributeError) as err:  # AttributeError: prompt tuning (no merge)
         first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
-        raise PeftkitError(f"model.adapter={config.adapter}: does not fit {config.name_or_path} ({first}); "
+        raise PeftkitError(f"model.adapter={config.adapter}: cannot be merged into or does not fit {config.name_or_path} ({first}); "
                            "give the adapter of a run on this base model") from None  # fmt: skip
 
 

@@ -189,6 +189,8 @@ def test_conversational_pairs_go_through_the_chat_template():
     assert tokenizer.decode(ids["chosen_ids"]) == "and recovered ."
     # the roles are not in the tiny vocabulary: <unk>; the prompt ends with the generation prompt
     assert tokenizer.decode(ids["prompt_ids"]) == "<unk> the patient was given aspirin . <unk>"
+    with pytest.raises(PeftkitError, match="the tokenizer has no chat template to render them"):
+        P.tokenize(build_tokenizer(), doc)
 
 
 @pytest.mark.parametrize(
@@ -223,8 +225,10 @@ def test_a_prompt_longer_than_seq_len_and_a_mismatched_objective_are_refused(tin
         PreferenceTrainer(config, log=lambda _: None).fit()
     with pytest.raises(PeftkitError, match="set train.objective=dpo with data.format=preference"):
         tiny_config.override(["--train.objective=dpo"])
-    with pytest.raises(PeftkitError, match="'train.sharding': not supported with train.objective=dpo"):
-        PreferenceTrainer(config.override(["--train.sharding=fsdp"]), log=lambda _: None)
+    for refused in ("--train.sharding=fsdp", "--train.gradient_checkpointing=true", "--data.replay=0.2"):
+        key = refused[2:].split("=")[0]
+        with pytest.raises(PeftkitError, match=f"'{key}': not supported with train.objective=dpo"):
+            PreferenceTrainer(config.override([refused]), log=lambda _: None)
 
 
 def test_the_cli_trains_dpo_and_a_bad_pair_exits_2_without_a_traceback(tiny_config, pairs_file, tmp_path):
@@ -272,3 +276,37 @@ def test_a_second_stage_starts_from_the_first_stages_model(tiny_config, pairs_fi
         assert not torch.allclose(merged(ids).logits, domain(ids).logits, atol=1e-3)  # the second stage moved it
     with pytest.raises(PeftkitError, match="model.adapter=.*: no adapter_config.json there"):
         models.load_model(dataclasses.replace(config.model, adapter=str(tmp_path)))
+
+
+def test_mmlu_pairs_come_from_the_training_half_and_qa_scores_the_other(tmp_path):
+    """recipes/medical_dpo.py's data: pairs from the questions of the training half, one per wrong option; the QA
+    evaluation with eval.qa_half=test draws only from the other half: no question text is in both."""
+    from peftkit.alignment.mmlu import medical_pairs
+    from peftkit.evaluation import qa
+
+    rng = random.Random(0)
+    questions = [{"subject": "anatomy", "question": f"question {i} {rng.random()}", "answer": i % 4,
+                  "choices": [f"option {i}-{k}" for k in range(4)]} for i in range(200)]  # fmt: skip
+    source = write_rows(tmp_path / "mmlu.jsonl", questions)
+    out = medical_pairs(str(source), tmp_path / "pairs.jsonl", log=lambda _: None)
+    pairs = [json.loads(line) for line in out.read_text().splitlines()]
+    trained = {p["prompt"] for p in pairs}
+    tested, _ = qa.select(source, True, "all", 0, 0, half="test")
+    assert 60 < len(tested) < 140 and 3 * (200 - len(tested)) == len(pairs)  # about half each; 3 wrong options
+    assert not trained & {qa.prompt(q) for q in tested}
+    assert all(p["chosen"] != p["rejected"] for p in pairs)
+    by_prompt = {qa.prompt(q): q for q in questions}
+    assert all(p["chosen"] == " " + by_prompt[p["prompt"]]["choices"][by_prompt[p["prompt"]]["answer"]] for p in pairs)
+
+
+def test_the_dpo_benchmark_runs_both_trainers(tiny_model_dir, pairs_file, tmp_path):
+    """scripts/bench_dpo --quick: trl's DPOTrainer and peftkit's, each in its own process, timed and tabulated."""
+    out = tmp_path / "bench"
+    cmd = [sys.executable, str(ROOT / "scripts" / "bench_dpo"), "--quick", "--model", str(tiny_model_dir),
+           "--pairs", str(pairs_file), "--out", str(out), "--seq-len", "32"]  # fmt: skip
+    result = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    measured = json.loads((out / "bench_dpo.json").read_text())
+    assert measured["results"]["T"]["steps"] == measured["results"]["P"]["steps"] == 3
+    assert all(r["step_s"] > 0 and r["peak_rss_mib"] > 0 for r in measured["results"].values())
+    assert "peftkit / trl speed" in (out / "bench_dpo.md").read_text()

@@ -130,7 +130,7 @@ def check_script(argv: list[str], tmp_path: Path) -> None:
         assert path.is_file() and len(argv) == 1, argv
         return
     assert path.is_file() and path.stat().st_mode & 0o111, f"{argv[0]}: not an executable script"
-    if name in ("bench", "bench_data", "bench_qa"):
+    if name in ("bench", "bench_data", "bench_qa", "bench_dpo"):
         load_script(name).parse(argv[1:])  # argparse: unknown options exit 2
     elif name in ("test", "models_table"):  # extra arguments go to pytest: its own parser checks them
         result = subprocess.run([sys.executable, "-m", "pytest", "--co", "-q", "-p", "no:cacheprovider", *argv[1:],

@@ -125,17 +125,21 @@ def score_pairs(model, data: PairData, split: str, batch_size: int, accelerator)
     """Summed completion log-probs [pairs, 2] (chosen, rejected) of a split under `model`, in eval mode."""
     was_training = model.training
     model.eval()
-    out = []
+    pairs = data.splits[split]
+    # longest first, so each batch pads to about its own length (and the peak memory comes at once)
+    order = sorted(range(len(pairs)), key=lambda i: -max(len(pairs[i]["chosen_ids"]), len(pairs[i]["rejected_ids"]))
+                   - len(pairs[i]["prompt_ids"]))  # fmt: skip
+    out = torch.zeros(len(pairs), 2)
     try:
-        for start in range(0, len(data.splits[split]), batch_size):
-            batch = data.pick(split, range(start, min(start + batch_size, len(data.splits[split]))))
-            batch = batch.to(accelerator.device)
+        for start in range(0, len(pairs), batch_size):
+            picked = order[start : start + batch_size]
+            batch = data.pick(split, picked).to(accelerator.device)
             with accelerator.autocast():  # the precision training runs in, so the first step's margin is zero
                 logps = sequence_logps(model, batch.input_ids, batch.attention_mask, batch.completion_mask)
-            out.append(torch.stack(logps.float().chunk(2), dim=1).cpu())
+            out[picked] = torch.stack(logps.float().chunk(2), dim=1).cpu()
     finally:
         model.train(was_training)
-    return torch.cat(out) if out else torch.zeros(0, 2)
+    return out
 
 
 def preference_measures(logps: torch.Tensor, ref: torch.Tensor, lengths: torch.Tensor, beta: float, loss: str) -> dict:

@@ -65,6 +65,9 @@ def tokenize(tokenizer, doc: str) -> dict[str, list[int]]:
 
     pair = json.loads(doc)
     if isinstance(pair["prompt"], list):  # conversational: the chat template renders all three
+        if not getattr(tokenizer, "chat_template", None):
+            raise PeftkitError("data.source: the pairs are message lists, but the tokenizer has no chat template to "
+                               "render them; give the pairs as plain strings, or use a model with a chat template")  # fmt: skip
 
         def ids(messages, **kwargs):
             return list(tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True, **kwargs)["input_ids"])

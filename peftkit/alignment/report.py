@@ -108,6 +108,9 @@ def finish_preference_run(trainer) -> dict:
     if acc.is_main_process and cfg.eval.qa_questions:
         with clock("qa"):
             report["qa"] = _qa(cfg, trainer.model, trainer.tokenizer, acc, trainer.log)
+            if cfg.model.adapter:  # base -> first stage -> this stage, on the same questions
+                for group, found in plain_base_qa(cfg, trainer.tokenizer, acc, trainer.log).items():
+                    report["qa"][group].update(found)
     report["training"] = trainer._summary().to_json()
     report["evaluation"] = {"seconds": clock.seconds()}
     report["verdict"] = verdict(report, cfg.eval)
@@ -122,6 +125,30 @@ def finish_preference_run(trainer) -> dict:
     for tracker in acc.trackers:
         tracker.finish()
     return report
+
+
+def plain_base_qa(cfg, tokenizer, accelerator, log) -> dict:
+    """QA accuracy of the base model without model.adapter, on the questions `_qa` scored."""
+    import dataclasses
+
+    from peftkit import assets, models
+    from peftkit.evaluation import qa
+
+    ev = cfg.eval
+    path = assets.resolve(ev.qa_source, log=log)
+    path = path / "mmlu.jsonl" if path.is_dir() else path
+    plain = models.load_model(dataclasses.replace(cfg.model, adapter=""), log=log).to(accelerator.device).eval()
+    out, medical_count = {}, None
+    for name, medical in (("medical", True), ("general", False)):
+        count = medical_count if ev.qa_questions == "all" and not medical else ev.qa_questions
+        questions, _ = qa.select(path, medical, count, ev.kshot, cfg.seed, ev.qa_half)
+        medical_count = len(questions) if medical else medical_count
+        if questions:
+            right = sum(p == q["answer"] for p, q in zip(qa.choose(plain, tokenizer, questions, ev.batch_size,
+                                                                   accelerator), questions, strict=True))  # fmt: skip
+            out[name] = {"plain_base_accuracy": right / len(questions),
+                         "plain_base_ci95": qa.wilson(right, len(questions))}  # fmt: skip
+    return out
 
 
 def format_preference_report(report: dict) -> str:
@@ -141,18 +168,13 @@ def format_preference_report(report: dict) -> str:
                      f"[{g['change_ci95'][0]:+.1%}, {g['change_ci95'][1]:+.1%}])")  # fmt: skip
     if "general_kl" in forget:
         lines.append(f"KL from the reference on general prompts {forget['general_kl']:.4f} nats/token")
-    for group, result in (report.get("qa") or {}).items():
-        if isinstance(result, dict) and "base" in result and "tuned" in result:
-            lines.append(f"QA {group}: base {_num(result['base'])} -> tuned {_num(result['tuned'])}")
+    for group, r in (report.get("qa") or {}).items():
+        plain = f"plain base {r['plain_base_accuracy']:.1%} -> " if "plain_base_accuracy" in r else ""
+        lines.append(f"QA {group} ({r['questions']} questions): {plain}reference {r['base_accuracy']:.1%} -> tuned "
+                     f"{r['tuned_accuracy']:.1%} (change 95% CI [{r['change_ci95'][0]:+.1%}, {r['change_ci95'][1]:+.1%}])")  # fmt: skip
     lines.append(f"verdict: {verdict_['outcome']}: " + "; ".join(verdict_["reasons"]))
     return "\n".join(lines)
 
 
 def _ci(pair: list[float], spec: str) -> str:
     return f"[{format(pair[0], spec)}, {format(pair[1], spec)}]"
-
-
-def _num(value) -> str:
-    if isinstance(value, dict):
-        value = value.get("accuracy", value)
-    return f"{value:.1%}" if isinstance(value, float) else str(value)

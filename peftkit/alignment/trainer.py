@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import math
 
+import torch
+
 from peftkit import data, methods, runtime, sharding
 from peftkit.alignment.dpo import PairData, PreferenceForward, completion_lengths, preference_measures, score_pairs
 from peftkit.alignment.pairs import tokenize_all
@@ -30,6 +32,8 @@ def check(config) -> None:
         "data.replay": bool(config.data.replay),
         "data.augment": bool(config.data.augment),
         "data.streaming": config.data.streaming == "on",
+        "train.gradient_checkpointing": config.train.gradient_checkpointing,
+        "train.compile": config.train.compile == "true",
     }
     for key, bad in refused.items():
         if bad:
@@ -69,6 +73,11 @@ class PreferenceTrainer(Trainer):
         if methods.is_prompt_learning(self.model):
             raise PeftkitError(f"method.name={cfg.method.name}: virtual tokens change the model before the first "
                                "step, so it is not its own reference; use a LoRA-family method for DPO")  # fmt: skip
+        dropped = [m for m in self.model.modules() if isinstance(m, torch.nn.Dropout) and m.p > 0]
+        for module in dropped:  # as trl's disable_dropout: a noisy policy would not start at its reference
+            module.p = 0.0
+        if dropped:
+            self.log(f"dpo: dropout off in {len(dropped)} modules (method.dropout and the model's own)")
         self.data = build_pair_data(cfg, self.tokenizer, self.log)
         world, batch, accum = acc.num_processes, cfg.train.batch_size, cfg.train.grad_accum
         if self.data.rows_per_epoch < batch * world:
@@ -102,7 +111,12 @@ class PreferenceTrainer(Trainer):
         ev, acc, recent = self.config.eval, self.accelerator, self.state.recent_losses
         with sharding.unsharded_root(self.forward):
             measures = self.held_out("validation")
-        record = {"step": self.state.step, "val_loss": measures["loss"], "val_ppl": math.exp(measures["loss"])}
+        if acc.num_processes > 1:  # every process decides best step and stopping from the main one's numbers
+            from accelerate.utils import broadcast_object_list
+
+            measures = broadcast_object_list([measures])[0]
+        # val_ppl is required of every record; for DPO it is only exp(loss), capped (IPO's loss can be large)
+        record = {"step": self.state.step, "val_loss": measures["loss"], "val_ppl": math.exp(min(measures["loss"], 50))}
         if recent:
             record["train_loss"] = sum(recent) / len(recent)
             record["gap"] = record["val_loss"] - record["train_loss"]
@@ -113,6 +127,11 @@ class PreferenceTrainer(Trainer):
             record["general_kl"] = forgetting.kl_from_base(acc.unwrap_model(self.model), self.answers, acc)
         record.update({f"pref_{key}": value for key, value in measures.items() if key != "loss"})
         return EvalRecord.from_json(record)
+
+    def evaluate(self, model=None) -> dict:
+        """The test pairs' measures of the current model (a text run's evaluate() scores perplexity)."""
+        self._require_setup("evaluate")
+        return self.held_out("test")
 
     def finish(self) -> dict:
         from peftkit.alignment.report import finish_preference_run

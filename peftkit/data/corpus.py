@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hashlib
 from contextlib import nullcontext
-from dataclasses import replace
 
 import numpy as np
 
@@ -47,9 +46,15 @@ def _source_split(config: DataConfig, split: str, log=lambda _: None) -> list[st
             )
         return streaming.held_out(config, split, log)
     docs, where, presplit = source_documents(path, split, config)
-    pairs = config.format == "preference"  # pairs sharing a prompt are near-duplicates and all stay
-    docs = _deduplicated(list(docs), replace(config, dedup="exact") if pairs and config.dedup == "near" else config,
-                         where, log)  # fmt: skip
+    pairs = config.format == "preference"
+    if pairs:  # pairs sharing a prompt are near-duplicates and all stay; only the very same pair is dropped
+        docs = list(docs)
+        kept = list(dict.fromkeys(docs)) if config.dedup != "none" else docs
+        if len(kept) < len(docs):
+            log(f"{where}: dropped {len(docs) - len(kept):,} repeated pairs of {len(docs):,}")
+        docs = kept
+    else:
+        docs = _deduplicated(list(docs), config, where, log)
     if not presplit:
         key = split_key if pairs else lambda d: "text:" + d
         docs = [d for d in docs if split_of(key(d), config.validation_share, config.test_share) == split]

@@ -134,7 +134,7 @@ def _qa(config, model, tokenizer, accelerator, log, cache=None) -> dict:
     for name, medical in _QA_GROUPS:
         # with "all": every medical question, and as many of the others (the same power for both groups)
         count = len(groups["medical"]) if ev.qa_questions == "all" and not medical else ev.qa_questions
-        groups[name], shots[name] = qa.select(path, medical, count, ev.kshot, seed)
+        groups[name], shots[name] = qa.select(path, medical, count, ev.kshot, seed, ev.qa_half)
     started = time.perf_counter()
     result = qa.compare(model, tokenizer, groups, ev.batch_size, accelerator, shots, cache)
     scored = sum(len(questions) for questions in groups.values())

@@ -7,6 +7,7 @@ text rather than a letter is the reading that small models can actually do.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import random
@@ -28,27 +29,39 @@ MEDICAL_SUBJECTS = (
 )
 
 
-def load_questions(path: Path, medical: bool, limit: int, seed: int, skip: int = 0) -> list[dict]:
-    """A seeded sample of `limit` MMLU questions from the medical subjects, or from all the others.
+def question_half(question: dict) -> str:
+    """'train' or 'test': the half a question's text hashes into (eval.qa_half; recipes/medical_dpo.py builds
+    its preference pairs from the 'train' half only)."""
+    digest = hashlib.sha256(("question:" + question["question"].strip()).encode("utf-8")).digest()
+    return "test" if digest[0] < 128 else "train"
+
+
+def load_questions(path: Path, medical: bool, limit: int, seed: int, skip: int = 0, half: str = "all") -> list[dict]:
+    """A seeded sample of `limit` MMLU questions from the medical subjects, or from all the others
+    (`half`: only those of that `question_half`).
 
     `skip` starts further down the same shuffled order, so examples for k-shot prompts drawn with
     skip=limit never include a test question.
     """
     rows = [json.loads(line) for line in Path(path).read_text(encoding="utf-8").split("\n") if line.strip()]
     rows = [r for r in rows if (r["subject"] in MEDICAL_SUBJECTS) == medical]
+    rows = [r for r in rows if half == "all" or question_half(r) == half]
     random.Random(seed).shuffle(rows)
     return rows[skip : skip + limit]
 
 
-def select(path: Path, medical: bool, count: int | str, kshot: int, seed: int) -> tuple[list[dict], list[dict]]:
+def select(
+    path: Path, medical: bool, count: int | str, kshot: int, seed: int, half: str = "all"
+) -> tuple[list[dict], list[dict]]:
     """(test questions, k-shot examples) of one group, never sharing a question.
 
     `count` questions and the next `kshot` of the seeded order as examples; with count="all", every question
     of the group but the first `kshot`, which are the examples.
     """
     if count != "all":
-        return load_questions(path, medical, count, seed), load_questions(path, medical, kshot, seed, skip=count)
-    rows = load_questions(path, medical, 10**9, seed)
+        return (load_questions(path, medical, count, seed, half=half),
+                load_questions(path, medical, kshot, seed, skip=count, half=half))  # fmt: skip
+    rows = load_questions(path, medical, 10**9, seed, half=half)
     return rows[kshot:], rows[:kshot]
 
 
