@@ -120,6 +120,11 @@ def corpus_dir(tmp_path_factory) -> Path:
 @pytest.fixture
 def tiny_config(tiny_model_dir, corpus_dir, tmp_path) -> Config:
     """A config that trains the tiny model for a few fp32 steps in about a second."""
+    return make_tiny_config(tiny_model_dir, corpus_dir, tmp_path)
+
+
+def make_tiny_config(tiny_model_dir: Path, corpus_dir: Path, tmp_path: Path) -> Config:
+    """tiny_config's value, for fixtures of a wider scope."""
     return Config(
         model=ModelConfig(name_or_path=str(tiny_model_dir), dtype="fp32"),
         data=DataConfig(source=str(corpus_dir), general_source=str(corpus_dir / "general.jsonl"), seq_len=32),

@@ -21,7 +21,8 @@ from peftkit.alignment import pairs as P
 from peftkit.alignment.dpo import dpo_losses, sequence_logps
 from peftkit.alignment.trainer import PreferenceTrainer
 from peftkit.evaluation.base_cache import model_fingerprint
-from tests.conftest import DRUGS, GENERAL, OUTCOMES, SUBJECTS, VERBS, build_tokenizer
+from tests.conftest import DRUGS, GENERAL, OUTCOMES, SUBJECTS, VERBS, build_tokenizer, make_tiny_config
+from tests.test_trainer import StopAt
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -68,16 +69,7 @@ def dpo_run(tiny_config_module, pairs_file, tmp_path_factory):
 @pytest.fixture(scope="module")
 def tiny_config_module(tiny_model_dir, corpus_dir, tmp_path_factory):
     """conftest's tiny_config, for the module's one shared run."""
-    from peftkit import EvalConfig, MethodConfig, ModelConfig, TrainConfig
-
-    return Config(
-        model=ModelConfig(name_or_path=str(tiny_model_dir), dtype="fp32"),
-        data=DataConfig(source=str(corpus_dir), general_source=str(corpus_dir / "general.jsonl"), seq_len=32),
-        method=MethodConfig(r=8, alpha=16, target_modules=["all-linear"]),
-        train=TrainConfig(max_steps=12, batch_size=4, lr=5e-2, warmup_steps=2, mixed_precision="no", progress=False),
-        eval=EvalConfig(every_steps=4, val_tokens=256, test_tokens=512, batch_size=8, max_general_ppl_increase=None),
-        output_dir=str(tmp_path_factory.mktemp("tiny") / "run"),
-    )
+    return make_tiny_config(tiny_model_dir, corpus_dir, tmp_path_factory.mktemp("tiny"))
 
 
 def test_dpo_learns_a_held_out_preference_and_its_reference_never_moves(dpo_run):
@@ -101,15 +93,6 @@ def test_dpo_learns_a_held_out_preference_and_its_reference_never_moves(dpo_run)
     frozen = {k.removeprefix("base_model.model."): v for k, v in model.state_dict().items() if "lora_" not in k}
     frozen = {k.replace(".base_layer.", "."): v for k, v in frozen.items()}
     assert all(torch.equal(frozen[k], v) for k, v in stored.items() if k in frozen)
-
-
-class StopAt:
-    def __init__(self, step):
-        self.step = step
-
-    def on_step_end(self, trainer, record):
-        if record.step == self.step:
-            raise KeyboardInterrupt
 
 
 def test_an_interrupted_dpo_run_resumes_to_the_same_adapter(dpo_run, tmp_path):

@@ -36,6 +36,7 @@ from peftkit import (
 from peftkit import generate as generation
 from peftkit.merge import MERGE_ATOL, merge_run
 from tests.conftest import build_bpe_tokenizer
+from tests.test_trainer import StopAt
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "models.md"
 TABLE_START, TABLE_END = "<!-- models-table: start -->", "<!-- models-table: end -->"
@@ -247,15 +248,6 @@ def gguf_cell(merged_dir: Path, out: Path) -> str:
     except PeftkitError:
         return "refused"
     return "yes (f32)"
-
-
-class StopAt:
-    def __init__(self, step):
-        self.step = step
-
-    def on_step_end(self, trainer, record):
-        if record.step == self.step:
-            raise KeyboardInterrupt
 
 
 @pytest.mark.parametrize("family", RESUMED)

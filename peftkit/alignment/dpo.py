@@ -9,7 +9,6 @@ trl's DPOTrainer on the same batch.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -35,10 +34,6 @@ class PairBatch:
     def model_inputs(self) -> dict:
         return dict(input_ids=self.input_ids, attention_mask=self.attention_mask,
                     completion_mask=self.completion_mask, ref_logps=self.ref_logps)  # fmt: skip
-
-    @property
-    def pairs(self) -> int:
-        return len(self.ref_logps) // 2
 
 
 def collate(pairs: list[dict], ref_logps: torch.Tensor, pad_id: int, seq_len: int) -> PairBatch:
@@ -164,7 +159,3 @@ def completion_lengths(data: PairData, split: str) -> torch.Tensor:
     count = [min(len(p[part]), max(data.seq_len - len(p["prompt_ids"]), 0))
              for part in ("chosen_ids", "rejected_ids") for p in pairs]  # fmt: skip
     return torch.tensor(count, dtype=torch.float32)[:, None]
-
-
-def finite(value: float) -> float | None:
-    return value if math.isfinite(value) else None
